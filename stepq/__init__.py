@@ -1,0 +1,76 @@
+"""stepq: a compiler that makes PyTorch diffusion denoisers low-bit.
+
+    qm = stepq.quantize(model, example_inputs, recipe="w8a8", calibration=data)
+    qm(**inputs); qm.report(); qm.save(path); stepq.load(path)
+
+Step by step: ``capture`` → ``prepare`` → ``calibrate`` → ``convert``.
+"""
+
+from __future__ import annotations
+
+import logging as _logging
+
+from stepq.compiler import ops as _ops  # noqa: F401  - registers the stepq:: ops
+from stepq.compiler.api import calibrate, convert, prepare, quantize
+from stepq.compiler.artifact import load
+from stepq.compiler.capture import capture
+from stepq.compiler.errors import (
+    ArtifactError,
+    CalibrationError,
+    CaptureError,
+    InputSignatureError,
+    PassError,
+    RecipeError,
+    StepqError,
+    TimestepRangeError,
+)
+from stepq.compiler.presets import get_preset, preset_names
+from stepq.compiler.program import Program
+from stepq.compiler.quantized_model import QuantizedModel
+from stepq.compiler.specs import (
+    LayerRule,
+    LayerSpec,
+    MinMaxObserver,
+    MSEObserver,
+    PerChannel,
+    PercentileObserver,
+    PerGroup,
+    PerTensor,
+    QuantSpec,
+    Recipe,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactError",
+    "CalibrationError",
+    "CaptureError",
+    "InputSignatureError",
+    "LayerRule",
+    "LayerSpec",
+    "MSEObserver",
+    "MinMaxObserver",
+    "PassError",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
+    "PercentileObserver",
+    "Program",
+    "QuantSpec",
+    "QuantizedModel",
+    "Recipe",
+    "RecipeError",
+    "StepqError",
+    "TimestepRangeError",
+    "calibrate",
+    "capture",
+    "convert",
+    "get_preset",
+    "load",
+    "prepare",
+    "preset_names",
+    "quantize",
+]
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())

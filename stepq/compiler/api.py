@@ -1,0 +1,142 @@
+"""The public steps: prepare, calibrate, convert, and ``quantize`` that does them all."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from stepq.compiler import meta
+from stepq.compiler.capture import capture
+from stepq.compiler.errors import CalibrationError, PreconditionError, RecipeError
+from stepq.compiler.pass_manager import run_passes
+from stepq.compiler.pipeline import build_calibration_pipeline, build_convert_pipeline, build_pipeline
+from stepq.compiler.presets import get_preset
+from stepq.compiler.program import Program
+from stepq.compiler.quantized_model import STATE_REPORT, QuantizedModel
+from stepq.compiler.report import layer_reports
+from stepq.compiler.specs import Recipe
+from stepq.passes.materialize_quantizers import observer_nodes
+
+__all__ = ["calibrate", "convert", "prepare", "quantize", "resolve_recipe"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_recipe(recipe: str | Recipe | Mapping[str, Any]) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, str):
+        return get_preset(recipe)
+    if isinstance(recipe, Mapping):
+        return Recipe.from_dict(recipe)
+    raise RecipeError(f"recipe must be a preset name, a Recipe or a dict, got {type(recipe).__name__}")
+
+
+def _copy_program(prog: Program) -> Program:
+    return prog.replace(gm=copy.deepcopy(prog.gm), history=list(prog.history), state=dict(prog.state))
+
+
+def _require(prog: Program, stages: Sequence[str], action: str) -> None:
+    if not isinstance(prog, Program):
+        raise PreconditionError(f"{action} takes a Program (from stepq.capture), got {type(prog).__name__}")
+    if prog.stage not in stages:
+        raise PreconditionError(f"{action} needs a program at stage {' or '.join(stages)}, got {prog.stage!r}")
+
+
+def prepare(prog: Program, recipe: str | Recipe | Mapping[str, Any], *, inplace: bool = False) -> Program:
+    """Annotate the program with ``recipe`` and insert quantizers and observers."""
+    _require(prog, ("captured",), "prepare")
+    recipe = resolve_recipe(recipe)
+    if not inplace:
+        prog = _copy_program(prog)
+    prog.recipe = recipe
+    run_passes(prog, build_pipeline(recipe))
+    prog.advance("prepared")
+    return prog
+
+
+def _as_call(item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(item, Mapping):
+        return (), dict(item)
+    if isinstance(item, (tuple, list)):
+        return tuple(item), {}
+    raise CalibrationError(f"a calibration item must be a dict of keyword arguments or a tuple, got {type(item).__name__}")
+
+
+@torch.no_grad()
+def calibrate(prog: Program, data: Iterable[Any], *, max_batches: int | None = None, progress: bool = True) -> Program:
+    """Run the calibration data through the prepared program, then freeze the observed scales.
+
+    ``data`` is an iterable of input dicts (or argument tuples), e.g. what
+    ``stepq.calibration.collect`` returns. The program is updated in place and returned.
+    """
+    _require(prog, ("prepared",), "calibrate")
+    if data is None:
+        raise CalibrationError("calibration data is None; pass an iterable of input dicts")
+    observers = observer_nodes(prog.gm)
+    n = 0
+    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    first = None
+    for item in tqdm(data, total=total, desc="calibrate", disable=not progress or not observers, leave=False):
+        if max_batches is not None and n >= max_batches:
+            break
+        args, kwargs = _as_call(item)
+        if first is None:
+            first = prog.bind(args, kwargs)
+        if observers:
+            prog(*args, **kwargs)
+        n += 1
+    if n == 0:
+        raise CalibrationError("calibration data is empty: it yielded no batches")
+    prog.state[meta.STATE_REPORT_BATCH] = first
+    run_passes(prog, build_calibration_pipeline(prog.recipe))
+    prog.advance("calibrated")
+    return prog
+
+
+def convert(prog: Program, *, inplace: bool = False, report: bool = True) -> QuantizedModel:
+    """Freeze the program: integer weights, frozen scales, the per-layer report."""
+    _require(prog, ("calibrated", "prepared"), "convert")
+    if prog.stage == "prepared" and observer_nodes(prog.gm):
+        raise PreconditionError("convert: the program has observers that saw no data; run stepq.calibrate first")
+    if not inplace:
+        prog = _copy_program(prog)
+    batch = prog.state.get(meta.STATE_REPORT_BATCH)
+    prog.state[STATE_REPORT] = layer_reports(prog, batch if report else None)
+    run_passes(prog, build_convert_pipeline(prog.recipe))
+    prog.state.pop(meta.STATE_REPORT_BATCH, None)
+    prog.advance("converted")
+    return QuantizedModel(prog)
+
+
+def quantize(
+    model: torch.nn.Module,
+    example_inputs: Mapping[str, Any] | Sequence[Any],
+    recipe: str | Recipe | Mapping[str, Any] = "w8a8",
+    calibration: Iterable[Any] | None = None,
+    *,
+    timestep_arg: str | None = None,
+    sample_arg: str | None = None,
+    dynamic_batch: bool = True,
+    timestep_scale: float = 1.0,
+    progress: bool = True,
+) -> QuantizedModel:
+    """capture → prepare → calibrate → convert in one call. The model is not modified."""
+    recipe = resolve_recipe(recipe)
+    prog = capture(model, example_inputs, timestep_arg=timestep_arg, sample_arg=sample_arg,
+                   dynamic_batch=dynamic_batch, timestep_scale=timestep_scale)
+    prog = prepare(prog, recipe, inplace=True)
+    if calibration is None:
+        if observer_nodes(prog.gm):
+            raise CalibrationError(f"recipe {recipe.name!r} quantizes activations, so it needs calibration data "
+                                   "(calibration=stepq.calibration.collect(...) or a list of input dicts)")
+        calibration = [example_inputs]
+    calibrate(prog, calibration, progress=progress)
+    return convert(prog, inplace=True)

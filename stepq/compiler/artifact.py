@@ -1,0 +1,151 @@
+"""Save and load a QuantizedModel: a directory with ``model.safetensors`` and ``manifest.json``.
+
+Nothing is pickled: the graph is JSON (``stepq.compiler.serialize``), tensors are safetensors, the
+recipe and signature are JSON. Saving writes into a temporary sibling directory and renames it into
+place, so a failed save leaves the previous artefact (or nothing) behind, never half a file. Loading
+checks the format version and the SHA-256 of the tensor file, and names the file at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from stepq.compiler.errors import ArtifactError
+from stepq.compiler.program import InputSignature, Program
+from stepq.compiler.quantized_model import STATE_REPORT, QuantizedModel
+from stepq.compiler.report import LayerReport
+from stepq.compiler.serialize import graph_from_json, graph_to_json
+from stepq.compiler.specs import Recipe
+
+__all__ = ["FORMAT", "STATE_CODECS", "load", "save_quantized"]
+
+FORMAT = "stepq.quantized_model"
+VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "model.safetensors"
+
+#: extra program state saved with the model: key -> (to (json, tensors), from (json, tensors)).
+#: Method issues register their state here (PTQD statistics, bit schedules, ...).
+STATE_CODECS: dict[str, tuple[Any, Any]] = {}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_dir(target: Path, write) -> None:
+    target = target.absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if target.exists():
+            if not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).exists()):
+                raise ArtifactError(f"{target} exists and is not a stepq artefact; refusing to overwrite it")
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old.rmdir()
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_quantized(qm: QuantizedModel, path: str | os.PathLike[str]) -> None:
+    prog = qm.program
+    graph, tensors = graph_to_json(prog.gm)
+    extra_json: dict[str, Any] = {}
+    for key, (encode, _) in STATE_CODECS.items():
+        if key in prog.state:
+            j, ts = encode(prog.state[key])
+            extra_json[key] = j
+            for name, t in ts.items():
+                tensors[f"__state__.{key}.{name}"] = t.detach().contiguous().clone()
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_name": prog.model_name,
+        "timestep_arg": prog.timestep_arg,
+        "sample_arg": prog.sample_arg,
+        "timestep_scale": prog.timestep_scale,
+        "signature": prog.signature.to_dict(),
+        "recipe": prog.recipe.to_dict(),
+        "history": list(prog.history),
+        "report": [r.to_dict() for r in prog.state.get(STATE_REPORT, [])],
+        "state": extra_json,
+        "graph": graph,
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
+        manifest["tensors_sha256"] = _sha256(tmp / TENSORS)
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1, allow_nan=True)
+
+    _atomic_dir(Path(path), write)
+
+
+def load(path: str | os.PathLike[str]) -> QuantizedModel:
+    """Load a QuantizedModel saved with ``QuantizedModel.save``."""
+    root = Path(path)
+    mpath, tpath = root / MANIFEST, root / TENSORS
+    if not mpath.is_file():
+        raise ArtifactError(f"{mpath}: no manifest; is {root} a stepq artefact?")
+    if not tpath.is_file():
+        raise ArtifactError(f"{tpath}: the tensor file is missing")
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{mpath}: unreadable manifest: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath}: not a stepq quantized model (format {manifest.get('format')!r})")
+    if manifest.get("version") != VERSION:
+        raise ArtifactError(f"{mpath}: artefact version {manifest.get('version')!r} is not supported (expected {VERSION})")
+    if _sha256(tpath) != manifest.get("tensors_sha256"):
+        raise ArtifactError(f"{tpath}: checksum mismatch; the file is corrupt or does not belong to this manifest")
+    try:
+        tensors = load_file(str(tpath))
+    except Exception as e:
+        raise ArtifactError(f"{tpath}: unreadable safetensors file: {e}") from None
+    state_tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for name in [k for k in tensors if k.startswith("__state__.")]:
+        _, key, sub = name.split(".", 2)
+        state_tensors.setdefault(key, {})[sub] = tensors.pop(name)
+    try:
+        gm = graph_from_json(manifest["graph"], tensors)
+        recipe = Recipe.from_dict(manifest["recipe"])
+        signature = InputSignature.from_dict(manifest["signature"])
+    except ArtifactError as e:
+        raise ArtifactError(f"{mpath}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{mpath}: malformed manifest: {type(e).__name__}: {e}") from None
+    prog = Program(gm=gm, signature=signature, timestep_arg=manifest["timestep_arg"],
+                   sample_arg=manifest.get("sample_arg"), model_name=manifest.get("model_name", "?"),
+                   timestep_scale=float(manifest.get("timestep_scale", 1.0)), recipe=recipe, stage="converted",
+                   history=list(manifest.get("history", [])))
+    prog.state[STATE_REPORT] = [LayerReport(**r) for r in manifest.get("report", [])]
+    for key, j in manifest.get("state", {}).items():
+        if key not in STATE_CODECS:
+            raise ArtifactError(f"{mpath}: unknown program state {key!r} (saved by a newer stepq?)")
+        prog.state[key] = STATE_CODECS[key][1](j, state_tensors.get(key, {}))
+    return QuantizedModel(prog)

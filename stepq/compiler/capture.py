@@ -1,0 +1,194 @@
+"""Capture: ``torch.export.export(strict=False)`` → a Program.
+
+``torch.fx.symbolic_trace`` fails on every diffusers denoiser (``len()`` of a proxy, iteration over
+shapes, shape control flow); torch.export captures all of them bit-exactly (FACTS.md Q1), so it is
+the only front end. The user's model is left as it was: its parameters and buffers are cloned into
+the graph module (``ep.module()`` shares their storage), and its training flags are restored.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch.export import Dim
+
+from stepq.compiler.errors import CaptureError
+from stepq.compiler.program import InputSignature, Program
+
+__all__ = ["TIMESTEP_NAMES", "capture"]
+
+log = logging.getLogger(__name__)
+
+#: names tried, in order, when no timestep argument is given.
+TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
+#: names tried, in order, for the noisy sample (used for structural roles and batch size).
+SAMPLE_NAMES = ("sample", "hidden_states", "x", "latents", "latent_model_input", "x_t", "noisy_latents")
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_STEPQ_DIR = os.path.dirname(os.path.dirname(__file__))
+
+
+def _normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> dict[str, Any]:
+    if isinstance(example_inputs, Mapping):
+        inputs = dict(example_inputs)
+    elif isinstance(example_inputs, Sequence) and not isinstance(example_inputs, (str, bytes)):
+        try:
+            bound = inspect.signature(model.forward).bind_partial(*example_inputs)
+        except TypeError as e:
+            raise CaptureError(f"example_inputs do not fit {type(model).__name__}.forward: {e}") from None
+        inputs = dict(bound.arguments)
+    else:
+        raise CaptureError("example_inputs must be a dict of keyword arguments or a tuple of positional "
+                           f"arguments, got {type(example_inputs).__name__}")
+    params = inspect.signature(model.forward).parameters
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    for name in inputs:
+        if name not in params and not var_kw:
+            raise CaptureError(f"example input {name!r} is not a parameter of {type(model).__name__}.forward; "
+                               f"its parameters are {[n for n in params if n != 'self']}")
+    return inputs
+
+
+def _find_timestep(inputs: Mapping[str, Any], timestep_arg: str | None) -> str:
+    if timestep_arg is not None:
+        if timestep_arg not in inputs:
+            raise CaptureError(f"timestep argument {timestep_arg!r} is not among the example inputs "
+                               f"{sorted(inputs)}; pass the timestep in example_inputs under that name")
+        return timestep_arg
+    for name in TIMESTEP_NAMES:
+        if name in inputs:
+            return name
+    raise CaptureError(f"no timestep input found: none of {list(TIMESTEP_NAMES)} is among the example inputs "
+                       f"{sorted(inputs)}; pass timestep_arg='<name>'")
+
+
+def _find_sample(inputs: Mapping[str, Any], timestep: str, sample_arg: str | None) -> str | None:
+    if sample_arg is not None:
+        if sample_arg not in inputs:
+            raise CaptureError(f"sample argument {sample_arg!r} is not among the example inputs {sorted(inputs)}")
+        return sample_arg
+    for name in SAMPLE_NAMES:
+        if isinstance(inputs.get(name), torch.Tensor):
+            return name
+    for name, v in inputs.items():
+        if name != timestep and isinstance(v, torch.Tensor) and v.dtype.is_floating_point and v.dim() >= 3:
+            return name
+    return None
+
+
+def _user_frame(tb: traceback.StackSummary) -> traceback.FrameSummary | None:
+    """The innermost frame of the model's own code (not torch's, not stepq's)."""
+    for frame in reversed(tb):
+        f = os.path.abspath(frame.filename)
+        if f.startswith(_TORCH_DIR) or f.startswith(_STEPQ_DIR) or "/contextlib.py" in f or "<" in f:
+            continue
+        return frame
+    return None
+
+
+def _advice(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if "data-dependent" in text or "GuardOnDataDependent" in text or "item()" in text:
+        return ("the model branches on, or converts to Python, the value of a tensor; move that logic out of "
+                "forward, or make it depend on shapes only")
+    if "not supported" in text or "Unsupported" in text:
+        return "an operation torch.export does not support; wrap it in a torch.library custom op or rewrite it"
+    if "Constraints violated" in text or "dynamic" in text.lower():
+        return "a shape constraint failed; try capture(..., dynamic_batch=False)"
+    return ("check that the example inputs run the model in eager mode, and that forward has no Python-side "
+            "state that depends on tensor values; try capture(..., dynamic_batch=False)")
+
+
+def _capture_error(model: torch.nn.Module, exc: BaseException) -> CaptureError:
+    frame = _user_frame(traceback.extract_tb(exc.__traceback__))
+    where = ""
+    if frame is not None:
+        where = f"\n  at {frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return CaptureError(f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
+                        f"{first}{where}\n  what to try: {_advice(exc)}")
+
+
+def _clone_state(gm: torch.fx.GraphModule) -> None:
+    """Give the graph module its own copies of every parameter, buffer and tensor constant."""
+    for mod in gm.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[name] = b.detach().clone()
+        for name, v in list(vars(mod).items()):
+            if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+                setattr(mod, name, v.detach().clone())
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Mapping[str, Any] | Sequence[Any],
+    *,
+    timestep_arg: str | None = None,
+    sample_arg: str | None = None,
+    dynamic_batch: bool = True,
+    timestep_scale: float = 1.0,
+) -> Program:
+    """Capture ``model`` as an FX graph with torch.export.
+
+    Args:
+        model: any ``nn.Module`` denoiser (diffusers or hand-written). It is not modified.
+        example_inputs: keyword arguments (diffusers style) or a tuple of positional arguments.
+        timestep_arg: the name of the timestep input; found by name (timestep, timesteps, t, sigma)
+            when not given.
+        sample_arg: the name of the noisy sample input; found by name or shape when not given.
+        dynamic_batch: export with a symbolic batch dimension (``Dim.AUTO`` on dim 0 of every tensor).
+        timestep_scale: multiply the timestep input by this to get the integer training timestep
+            in [0, T) that timestep-indexed tables use (1000 for models that take t/1000, e.g. Flux).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = _normalize_inputs(model, example_inputs)
+    timestep = _find_timestep(inputs, timestep_arg)
+    if not isinstance(inputs[timestep], torch.Tensor):
+        inputs[timestep] = torch.as_tensor(inputs[timestep])
+    if inputs[timestep].dim() > 1:
+        raise CaptureError(f"timestep input {timestep!r} must be a scalar or a 1-D tensor, got shape "
+                           f"{list(inputs[timestep].shape)}")
+    sample = _find_sample(inputs, timestep, sample_arg)
+
+    dynamic_shapes = None
+    if dynamic_batch:
+        dynamic_shapes = {k: ({0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() >= 1 else None)
+                          for k, v in inputs.items()}
+
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            ep = torch.export.export(model, (), inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except CaptureError:
+        raise
+    except Exception as e:
+        raise _capture_error(model, e) from e
+    finally:
+        for m, training in flags.items():
+            m.training = training
+
+    gm = ep.module()
+    del ep
+    _clone_state(gm)
+    # ep.module() forbids train()/eval(); the graph is specialised to eval mode already, and the
+    # training loops of later stages need the plain nn.Module methods back.
+    for attr in ("train", "eval"):
+        gm.__dict__.pop(attr, None)
+    signature = InputSignature.from_call(model.forward, inputs, timestep)
+    prog = Program(gm=gm, signature=signature, timestep_arg=timestep, sample_arg=sample,
+                   model_name=type(model).__name__, timestep_scale=float(timestep_scale))
+    log.info("captured %s: %d nodes, timestep=%r, sample=%r", prog.model_name, len(gm.graph.nodes), timestep, sample)
+    return prog

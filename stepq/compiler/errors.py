@@ -1,0 +1,74 @@
+"""Typed errors. Every error stepq raises on bad input or a failed step is a ``StepqError``.
+
+The hierarchy follows onnx_ir's: a pass that breaks is wrapped in ``PassError`` that names the pass
+and the passes that ran before it, with the original exception chained.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArtifactError",
+    "CalibrationError",
+    "CaptureError",
+    "InputSignatureError",
+    "InvariantError",
+    "PassError",
+    "PostconditionError",
+    "PreconditionError",
+    "RecipeError",
+    "StepqError",
+    "TimestepRangeError",
+]
+
+
+class StepqError(Exception):
+    """Base class of every error stepq raises."""
+
+
+class CaptureError(StepqError):
+    """torch.export could not capture the model, or the example inputs do not fit it."""
+
+
+class RecipeError(StepqError, ValueError):
+    """An invalid recipe, spec or preset name."""
+
+
+class CalibrationError(StepqError):
+    """Calibration data is empty, malformed, or produced non-finite activations."""
+
+
+class InputSignatureError(StepqError, TypeError):
+    """A compiled model was called with arguments that do not match the captured signature."""
+
+
+class TimestepRangeError(StepqError, ValueError):
+    """A timestep falls outside the [0, T) grid of the timestep-indexed tables."""
+
+
+class ArtifactError(StepqError):
+    """A saved artefact is missing, corrupt, or of an unknown version."""
+
+
+class InvariantError(StepqError):
+    """A graph invariant does not hold."""
+
+
+class PreconditionError(InvariantError):
+    """A pass was given a program it cannot work on."""
+
+
+class PostconditionError(InvariantError):
+    """A pass left the graph in a state that breaks an invariant (lint, shapes)."""
+
+
+class PassError(StepqError):
+    """A pass raised; names the pass and those that ran before it."""
+
+    def __init__(self, pass_name: str, previous: list[str], cause: BaseException):
+        before = ", ".join(previous) if previous else "none"
+        super().__init__(
+            f"pass {pass_name!r} failed: {type(cause).__name__}: {cause} "
+            f"(after the following passes: {before})"
+        )
+        self.pass_name = pass_name
+        self.previous = list(previous)

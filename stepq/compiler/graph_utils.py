@@ -1,0 +1,75 @@
+"""Small helpers for editing a GraphModule's attributes and nodes."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+__all__ = ["delete_attr", "fetch_attr", "get_attr", "has_attr", "register_tensor", "unique_name"]
+
+
+def _owner(gm: torch.nn.Module, qualname: str, create: bool) -> tuple[torch.nn.Module, str]:
+    *path, leaf = qualname.split(".")
+    mod = gm
+    for part in path:
+        nxt = getattr(mod, part, None)
+        if nxt is None:
+            if not create:
+                raise AttributeError(qualname)
+            nxt = torch.nn.Module()
+            mod.add_module(part, nxt)
+        if not isinstance(nxt, torch.nn.Module):
+            raise AttributeError(f"{qualname}: {part!r} is not a module")
+        mod = nxt
+    return mod, leaf
+
+
+def has_attr(gm: torch.nn.Module, qualname: str) -> bool:
+    try:
+        mod, leaf = _owner(gm, qualname, create=False)
+    except AttributeError:
+        return False
+    return hasattr(mod, leaf)
+
+
+def fetch_attr(gm: torch.nn.Module, qualname: str) -> torch.Tensor:
+    mod, leaf = _owner(gm, qualname, create=False)
+    return getattr(mod, leaf)
+
+
+def unique_name(gm: torch.nn.Module, qualname: str) -> str:
+    if not has_attr(gm, qualname):
+        return qualname
+    i = 1
+    while has_attr(gm, f"{qualname}_{i}"):
+        i += 1
+    return f"{qualname}_{i}"
+
+
+def register_tensor(gm: torch.nn.Module, qualname: str, tensor: torch.Tensor, *, parameter: bool = False,
+                    requires_grad: bool = False) -> str:
+    """Register ``tensor`` under a fresh qualified name (a suffix is added on a clash); returns the name."""
+    qualname = unique_name(gm, qualname)
+    mod, leaf = _owner(gm, qualname, create=True)
+    if parameter:
+        mod.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=requires_grad))
+    else:
+        mod.register_buffer(leaf, tensor)
+    return qualname
+
+
+def delete_attr(gm: torch.nn.Module, qualname: str) -> None:
+    mod, leaf = _owner(gm, qualname, create=False)
+    if leaf in mod._parameters:
+        del mod._parameters[leaf]
+    elif leaf in mod._buffers:
+        del mod._buffers[leaf]
+    else:
+        delattr(mod, leaf)
+
+
+def get_attr(graph: torch.fx.Graph, qualname: str, value: torch.Tensor | None = None) -> torch.fx.Node:
+    node = graph.get_attr(qualname)
+    if value is not None:
+        node.meta["tensor_meta_shape"] = tuple(value.shape)
+    return node

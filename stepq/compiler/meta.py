@@ -1,0 +1,69 @@
+"""Namespaced ``node.meta`` keys and their typed accessors.
+
+Every key stepq writes into ``node.meta`` is defined here; passes never use string literals.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch.fx
+
+    from stepq.compiler.specs import LayerSpec
+
+__all__ = [
+    "ACT_QUANTIZER",
+    "LAYER",
+    "LAYER_SPEC",
+    "QSPEC",
+    "STATE_ACT_STATS",
+    "STATE_REPORT_BATCH",
+    "WEIGHT_BITS",
+    "OP_KIND",
+    "QUANTIZER_ROLE",
+    "ROLES",
+    "RULE",
+    "STEPQ_INSERTED",
+    "get_layer_spec",
+    "set_layer_spec",
+]
+
+#: the recipe's decision for a quantizable op: a ``LayerSpec`` (absent = not annotated).
+LAYER_SPEC = "stepq.layer_spec"
+#: the module path of the layer a quantizable op belongs to (from ``nn_module_stack``).
+LAYER = "stepq.layer"
+#: the name of the recipe rule that decided a quantizable op's spec.
+RULE = "stepq.rule"
+#: the op kind a recipe rule matches on: "linear", "conv2d" or "attention".
+OP_KIND = "stepq.op_kind"
+#: structural roles of a quantizable op: "input", "output", "timestep_embedding", "conditioning".
+ROLES = "stepq.roles"
+#: on a quantizer node: "weight" or "activation".
+QUANTIZER_ROLE = "stepq.quantizer_role"
+#: on a quantizer node: the quantizer's name (its state lives under this prefix).
+ACT_QUANTIZER = "stepq.quantizer"
+#: on an activation fake_quant: its QuantSpec.
+QSPEC = "stepq.qspec"
+#: on a weight dequantize: the weight's bit width.
+WEIGHT_BITS = "stepq.weight_bits"
+#: Program.state key: {quantizer name: ActivationStats} gathered during calibration.
+STATE_ACT_STATS = "activation_stats"
+#: Program.state key: one calibration batch (a dict of inputs) kept for the report.
+STATE_REPORT_BATCH = "report_batch"
+#: set on every node a stepq pass created.
+STEPQ_INSERTED = "stepq.inserted"
+
+
+def get_layer_spec(node: torch.fx.Node) -> LayerSpec | None:
+    return node.meta.get(LAYER_SPEC)
+
+
+def set_layer_spec(node: torch.fx.Node, spec: LayerSpec | None) -> None:
+    node.meta[LAYER_SPEC] = spec
+
+
+def mark_inserted(node: torch.fx.Node, **extra: Any) -> torch.fx.Node:
+    node.meta[STEPQ_INSERTED] = True
+    node.meta.update(extra)
+    return node

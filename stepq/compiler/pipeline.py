@@ -1,0 +1,41 @@
+"""The whole pipeline, in order. Optional passes appear inline; a left-out pass says why.
+
+    capture → prepare (build_pipeline) → calibrate (observers, then materialize) → convert
+    (build_convert_pipeline) → lower (a backend)
+"""
+
+from __future__ import annotations
+
+from stepq.compiler.pass_manager import Pass, Skip
+from stepq.compiler.specs import Recipe
+from stepq.passes import AnnotateLayers, CanonicalizeExport, InsertQuantizers, MaterializeQuantizers, QuantizeWeights
+
+__all__ = ["build_calibration_pipeline", "build_convert_pipeline", "build_pipeline"]
+
+
+def build_pipeline(recipe: Recipe) -> list[Pass | Skip | None]:
+    """Passes run by ``prepare``."""
+    return [
+        # canonical form: what torch.export leaves that later stages cannot take
+        CanonicalizeExport(),
+        # policy: the recipe annotates every quantizable op
+        AnnotateLayers(recipe),
+        # mechanism: quantizers and observers where the annotations ask for them
+        InsertQuantizers() if recipe.quantizes_anything else Skip("insert_quantizers", "the recipe keeps every layer in floating point"),
+    ]
+
+
+def build_calibration_pipeline(recipe: Recipe) -> list[Pass | Skip | None]:
+    """Passes run by ``calibrate`` once the observers have seen the data."""
+    return [
+        # observers → fake-quant ops with frozen scales
+        MaterializeQuantizers(),
+    ]
+
+
+def build_convert_pipeline(recipe: Recipe) -> list[Pass | Skip | None]:
+    """Passes run by ``convert``."""
+    return [
+        # weights → integers (packed below 8 bits) + dequantize
+        QuantizeWeights(),
+    ]

@@ -1,0 +1,81 @@
+"""Preset recipes.
+
+Every preset quantizes the input of every Linear and Conv2d per tensor (affine, unsigned grid) and
+their weights per output channel (symmetric), keeps the attention matmuls in floating point, and
+keeps at 8 bits, by rule, the first layers after the sample input (input conv / patch embedding),
+the last layers before the output, and the timestep-embedding MLP. The roles are found from the
+graph's structure, not from layer names, so the same preset works on any denoiser.
+
+Method presets (TDQ, PTQD, QALoRA, ternary) register themselves with ``register_preset`` from
+their own modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from stepq.compiler.errors import RecipeError
+from stepq.compiler.specs import (
+    LayerRule,
+    LayerSpec,
+    MinMaxObserver,
+    MSEObserver,
+    PerChannel,
+    PercentileObserver,
+    PerTensor,
+    QuantSpec,
+    Recipe,
+)
+
+__all__ = ["activation_spec", "get_preset", "preset_names", "register_preset", "static_recipe", "weight_spec"]
+
+_PRESETS: dict[str, Callable[[], Recipe]] = {}
+
+
+def register_preset(name: str, factory: Callable[[], Recipe]) -> None:
+    if name in _PRESETS:
+        raise RecipeError(f"preset {name!r} is already registered")
+    _PRESETS[name] = factory
+
+
+def preset_names() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str) -> Recipe:
+    try:
+        factory = _PRESETS[name]
+    except KeyError:
+        raise RecipeError(f"unknown preset {name!r}; available presets: {', '.join(preset_names())}") from None
+    return factory()
+
+
+def weight_spec(bits: int) -> QuantSpec:
+    """Per-output-channel symmetric weights; below 8 bits the range is found by MSE search."""
+    observer = MinMaxObserver() if bits >= 8 else MSEObserver()
+    return QuantSpec(bits=bits, signed=True, symmetric=True, granularity=PerChannel(0), observer=observer)
+
+
+def activation_spec(bits: int) -> QuantSpec:
+    """Per-tensor affine activations on an unsigned grid (what ORT's u8 integer kernels take)."""
+    observer = PercentileObserver(99.99) if bits >= 8 else MSEObserver()
+    return QuantSpec(bits=bits, signed=False, symmetric=False, granularity=PerTensor(), observer=observer)
+
+
+def static_recipe(name: str, w_bits: int, a_bits: int, *, keep_bits: int = 8) -> Recipe:
+    """The static PTQ recipe family WxAy."""
+    keep = LayerSpec(weight=weight_spec(keep_bits), activation=activation_spec(keep_bits))
+    main = LayerSpec(weight=weight_spec(w_bits), activation=activation_spec(a_bits))
+    return Recipe(
+        name=name,
+        rules=(
+            LayerRule(spec=None, ops=frozenset({"attention"}), name="attention-matmuls-float"),
+            LayerRule(spec=keep, roles=frozenset({"input", "output"}), name=f"io-layers-{keep_bits}bit"),
+            LayerRule(spec=keep, roles=frozenset({"timestep_embedding"}), name=f"timestep-mlp-{keep_bits}bit"),
+        ),
+        default=main,
+    )
+
+
+for _w, _a in ((8, 8), (4, 8), (4, 4), (8, 4)):
+    register_preset(f"w{_w}a{_a}", lambda w=_w, a=_a: static_recipe(f"w{w}a{a}", w, a))

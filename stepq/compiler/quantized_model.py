@@ -1,0 +1,85 @@
+"""QuantizedModel: the compiled denoiser, an ``nn.Module`` with the original call signature.
+
+It runs the converted graph in PyTorch (the reference backend: simulated quantization with integer
+weights dequantized on the fly), and is what ``save``/``load`` and the other backends start from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from stepq.compiler import meta
+from stepq.compiler.graph_utils import fetch_attr
+from stepq.compiler.program import Program
+from stepq.compiler.report import LayerReport, format_report
+
+__all__ = ["QuantizedModel"]
+
+log = logging.getLogger(__name__)
+
+STATE_REPORT = "report"
+
+
+class QuantizedModel(torch.nn.Module):
+    """A converted program. Call it like the original model."""
+
+    def __init__(self, program: Program):
+        super().__init__()
+        if program.stage != "converted":
+            raise ValueError(f"QuantizedModel needs a converted program, got stage {program.stage!r}")
+        self.program = program
+        self.gm = program.gm
+        self.eval()
+
+    # -- calling -------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.gm(**self.program.bind(args, kwargs))
+
+    @property
+    def recipe(self):
+        return self.program.recipe
+
+    @property
+    def signature(self):
+        return self.program.signature
+
+    # -- inspection ----------------------------------------------------------------------------
+    def report(self, *, print_table: bool = True) -> list[LayerReport]:
+        """Per-layer bits, scale ranges and output SQNR against FP; printed and returned."""
+        rows: list[LayerReport] = self.program.state.get(STATE_REPORT, [])
+        if print_table:
+            print(format_report(rows, title=f"stepq {self.recipe.name} — {self.program.model_name}"))
+        return rows
+
+    def weight_bytes(self) -> int:
+        """Bytes of every tensor the deployed graph reads (integer weights, scales, biases, tables)."""
+        targets = {n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
+        return sum(t.numel() * t.element_size() for t in (fetch_attr(self.gm, q) for q in targets))
+
+    def quantized_layers(self) -> list[str]:
+        return [n.meta[meta.LAYER] for n in self.gm.graph.nodes
+                if meta.LAYER in n.meta and meta.get_layer_spec(n) is not None
+                and not meta.get_layer_spec(n).is_float]
+
+    # -- artefacts -----------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write a directory with ``model.safetensors`` and ``manifest.json`` (never pickle)."""
+        from stepq.compiler.artifact import save_quantized
+
+        save_quantized(self, path)
+
+    def export_onnx(self, path: str, **kwargs: Any) -> Any:
+        """Write quantized ONNX for ONNX Runtime (see ``stepq.backends.onnx.export``)."""
+        from stepq.backends.onnx import export
+
+        return export(self, path, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"model={self.program.model_name}, recipe={self.recipe.name!r}, timestep={self.program.timestep_arg!r}"
+
+    def state_for(self, key: str) -> Mapping[str, Any] | None:
+        return self.program.state.get(key)

@@ -1,0 +1,159 @@
+"""The per-layer report: bits, scale ranges, and the SQNR of each layer's output against FP.
+
+SQNR(y) = 10·log10(‖y_fp‖² / ‖y_fp − y_q‖²) in dB, where y_fp is the layer's output with every
+quantizer of the program bypassed and y_q its output with all of them active, on the same
+calibration batch: the error a layer shows includes what the layers before it added.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+from stepq.compiler import meta, ops
+from stepq.compiler.graph_utils import fetch_attr
+from stepq.compiler.observers import ActivationObserver
+from stepq.compiler.program import Program
+
+__all__ = ["LayerReport", "collect_layer_outputs", "format_report", "layer_reports", "sqnr_db"]
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    ref, test = ref.detach().double(), test.detach().double()
+    noise = float(((ref - test) ** 2).sum())
+    signal = float((ref**2).sum())
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+class _Probe(torch.fx.Interpreter):
+    """Runs the graph, recording the outputs of ``watch``; with ``bypass`` quantizers are identities."""
+
+    def __init__(self, gm: torch.fx.GraphModule, watch: set[str], bypass: bool):
+        super().__init__(gm)
+        self.watch = watch
+        self.bypass = bypass
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.watch and isinstance(out, torch.Tensor):
+            self.outputs[n.name] = out.detach()
+        return out
+
+    def call_function(self, target, args, kwargs):
+        if self.bypass and target is ops.FAKE_QUANT:
+            return args[0]
+        return super().call_function(target, args, kwargs)
+
+    def call_module(self, target, args, kwargs):
+        if isinstance(self.module.get_submodule(target), ActivationObserver):
+            return args[0]
+        return super().call_module(target, args, kwargs)
+
+
+def _flat_inputs(prog: Program, batch: Mapping[str, Any]) -> list[Any]:
+    bound = prog.bind((), batch)
+    return [bound[n.name] for n in prog.gm.graph.nodes if n.op == "placeholder"]
+
+
+@torch.no_grad()
+def collect_layer_outputs(prog: Program, batch: Mapping[str, Any], names: set[str], *, bypass: bool
+                          ) -> dict[str, torch.Tensor]:
+    probe = _Probe(prog.gm, names, bypass)
+    probe.run(*_flat_inputs(prog, batch))
+    return probe.outputs
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    layer: str
+    node: str
+    op: str
+    rule: str
+    weight_bits: int | None
+    act_bits: int | None
+    weight_scale_min: float | None
+    weight_scale_max: float | None
+    act_scale_min: float | None
+    act_scale_max: float | None
+    sqnr_db: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _scale_range(gm: torch.fx.GraphModule, q: Any) -> tuple[float | None, float | None]:
+    if not isinstance(q, torch.fx.Node) or q.target is not ops.FAKE_QUANT:
+        return None, None
+    s = q.args[1]
+    if isinstance(s, torch.fx.Node) and s.op == "get_attr":
+        t = fetch_attr(gm, s.target)
+        return float(t.min()), float(t.max())
+    return None, None
+
+
+def layer_reports(prog: Program, batch: Mapping[str, Any] | None) -> list[LayerReport]:
+    """One row per annotated op (quantized or kept in float by a rule)."""
+    gm = prog.gm
+    nodes = [n for n in gm.graph.nodes if meta.LAYER_SPEC in n.meta]
+    sqnr: dict[str, float] = {}
+    if batch is not None and nodes:
+        names = {n.name for n in nodes}
+        fp = collect_layer_outputs(prog, batch, names, bypass=True)
+        q = collect_layer_outputs(prog, batch, names, bypass=False)
+        sqnr = {k: sqnr_db(fp[k], q[k]) for k in fp if k in q}
+    rows = []
+    for n in nodes:
+        spec = meta.get_layer_spec(n)
+        w_bits = a_bits = None
+        w_range: tuple[float | None, float | None] = (None, None)
+        a_range: tuple[float | None, float | None] = (None, None)
+        if spec is not None and spec.weight is not None:
+            w_bits = spec.weight.bits
+            w = n.args[1] if len(n.args) > 1 else None
+            w_range = _scale_range(gm, w)
+        if spec is not None and spec.activation is not None:
+            a_bits = spec.activation.bits
+            a_range = _scale_range(gm, n.args[0])
+        rows.append(LayerReport(
+            layer=n.meta.get(meta.LAYER, n.name), node=n.name, op=n.meta.get(meta.OP_KIND, "?"),
+            rule=n.meta.get(meta.RULE, ""), weight_bits=w_bits, act_bits=a_bits,
+            weight_scale_min=w_range[0], weight_scale_max=w_range[1],
+            act_scale_min=a_range[0], act_scale_max=a_range[1], sqnr_db=sqnr.get(n.name)))
+    return rows
+
+
+def _fmt(v: float | None, spec: str = ".3g") -> str:
+    if v is None:
+        return "-"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return format(v, spec)
+
+
+def format_report(rows: list[LayerReport], title: str = "") -> str:
+    header = ("layer", "op", "W", "A", "W scale", "A scale", "SQNR dB", "rule")
+    body = []
+    for r in rows:
+        w_scale = "-" if r.weight_scale_min is None else f"{_fmt(r.weight_scale_min)}..{_fmt(r.weight_scale_max)}"
+        a_scale = "-" if r.act_scale_min is None else _fmt(r.act_scale_min)
+        body.append((r.layer, r.op, str(r.weight_bits or "fp"), str(r.act_bits or "fp"), w_scale, a_scale,
+                     _fmt(r.sqnr_db, ".1f"), r.rule))
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = [title] if title else []
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    finite = [r.sqnr_db for r in rows if r.sqnr_db is not None and math.isfinite(r.sqnr_db)]
+    if finite:
+        lines.append(f"{len(rows)} layers; SQNR min {min(finite):.1f} dB, median {sorted(finite)[len(finite) // 2]:.1f} dB")
+    return "\n".join(lines)

@@ -1,0 +1,375 @@
+"""Quantization specs, layer rules and recipes: frozen, validated dataclasses.
+
+A ``Recipe`` is policy only. It maps a quantizable op (its module path, op kind and structural
+roles) to a ``LayerSpec`` through an ordered list of ``LayerRule``; the first rule that matches
+wins, a rule whose spec is None keeps the layer in floating point, and ``Recipe.default`` decides
+every op no rule matches. The passes read the decision from ``node.meta``; nothing here touches a
+graph, so policies can be tested on their own.
+
+Grids are the standard ones: signed [−2^(b−1), 2^(b−1)−1], unsigned [0, 2^b−1], 2 ≤ b ≤ 8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from stepq.compiler.errors import RecipeError
+
+__all__ = [
+    "OP_KINDS",
+    "RECIPE_VERSION",
+    "ROLE_NAMES",
+    "LayerRule",
+    "LayerSpec",
+    "MSEObserver",
+    "MinMaxObserver",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
+    "PercentileObserver",
+    "QuantSpec",
+    "Recipe",
+]
+
+#: bump when the serialised form of a Recipe changes incompatibly.
+RECIPE_VERSION = 1
+
+#: op kinds a rule can select: Linear, Conv2d, and the activation×activation matmuls of attention.
+OP_KINDS = frozenset({"linear", "conv2d", "attention"})
+
+#: structural roles, computed from the graph (see ``stepq.compiler.analysis``):
+#: "input" (first layers after the sample input), "output" (last layers before the model output),
+#: "timestep_embedding" (the MLP on the sinusoidal timestep encoding), "conditioning" (every op
+#: whose input does not depend on the noisy sample: timestep/class/adaLN projections).
+ROLE_NAMES = frozenset({"input", "output", "timestep_embedding", "conditioning"})
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise RecipeError(msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# granularity
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale and zero point for the whole tensor."""
+
+    kind: ClassVar[str] = "per_tensor"
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale per slice along ``axis`` (output channels of a weight: axis 0)."""
+
+    axis: int = 0
+    kind: ClassVar[str] = "per_channel"
+
+
+@dataclass(frozen=True)
+class PerGroup:
+    """Blocks of ``group_size`` consecutive elements along ``axis`` share a scale (weights only)."""
+
+    group_size: int = 64
+    axis: int = 1
+    kind: ClassVar[str] = "per_group"
+
+    def __post_init__(self) -> None:
+        _check(self.group_size >= 2 and self.group_size & (self.group_size - 1) == 0,
+               f"PerGroup.group_size must be a power of two >= 2, got {self.group_size}")
+
+
+Granularity = PerTensor | PerChannel | PerGroup
+
+# ---------------------------------------------------------------------------------------------
+# observers
+
+
+@dataclass(frozen=True)
+class MinMaxObserver:
+    """The range is [min, max] of everything seen."""
+
+    kind: ClassVar[str] = "minmax"
+
+
+@dataclass(frozen=True)
+class PercentileObserver:
+    """The range is the [100−p, p] percentile interval of the values seen."""
+
+    percentile: float = 99.99
+    kind: ClassVar[str] = "percentile"
+
+    def __post_init__(self) -> None:
+        _check(50.0 < self.percentile <= 100.0,
+               f"PercentileObserver.percentile must be in (50, 100], got {self.percentile}")
+
+
+@dataclass(frozen=True)
+class MSEObserver:
+    """Shrink the min-max range by (1 − i/num_candidates) and keep the candidate with the smallest
+    mean |x − Q(x)|^norm (the LAPQ / Q-Diffusion search; norm 2.4 in their code, 2 here by default)."""
+
+    num_candidates: int = 80
+    norm: float = 2.0
+    max_shrink: float = 0.8
+    kind: ClassVar[str] = "mse"
+
+    def __post_init__(self) -> None:
+        _check(self.num_candidates >= 1, f"MSEObserver.num_candidates must be >= 1, got {self.num_candidates}")
+        _check(self.norm > 0, f"MSEObserver.norm must be > 0, got {self.norm}")
+        _check(0 < self.max_shrink < 1, f"MSEObserver.max_shrink must be in (0, 1), got {self.max_shrink}")
+
+
+ObserverSpec = MinMaxObserver | PercentileObserver | MSEObserver
+
+_GRANULARITIES: dict[str, type] = {c.kind: c for c in (PerTensor, PerChannel, PerGroup)}
+_OBSERVERS: dict[str, type] = {c.kind: c for c in (MinMaxObserver, PercentileObserver, MSEObserver)}
+
+# ---------------------------------------------------------------------------------------------
+# quant spec
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized: grid, symmetry, granularity and how its range is observed."""
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    granularity: Granularity = field(default_factory=PerTensor)
+    observer: ObserverSpec = field(default_factory=MinMaxObserver)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.bits, int) and 2 <= self.bits <= 8,
+               f"QuantSpec.bits must be an integer in [2, 8], got {self.bits!r}")
+        _check(not (self.symmetric and not self.signed),
+               "QuantSpec: a symmetric spec needs a signed grid (signed=True); "
+               "use symmetric=False for an unsigned (affine) grid")
+        _check(isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)),
+               f"QuantSpec.granularity must be PerTensor, PerChannel or PerGroup, got {self.granularity!r}")
+        _check(isinstance(self.observer, (MinMaxObserver, PercentileObserver, MSEObserver)),
+               f"QuantSpec.observer must be MinMaxObserver, PercentileObserver or MSEObserver, got {self.observer!r}")
+
+    @property
+    def quant_min(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def quant_max(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "signed": self.signed,
+            "symmetric": self.symmetric,
+            "granularity": {"kind": self.granularity.kind, **dataclasses.asdict(self.granularity)},
+            "observer": {"kind": self.observer.kind, **dataclasses.asdict(self.observer)},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
+        d = dict(d)
+        gran = _tagged(d.pop("granularity", {"kind": "per_tensor"}), _GRANULARITIES, "granularity")
+        obs = _tagged(d.pop("observer", {"kind": "minmax"}), _OBSERVERS, "observer")
+        _no_unknown(d, {"bits", "signed", "symmetric"}, "QuantSpec")
+        return cls(granularity=gran, observer=obs, **d)
+
+
+def _tagged(d: Mapping[str, Any], table: Mapping[str, type], what: str) -> Any:
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in table:
+        raise RecipeError(f"unknown {what} kind {kind!r}; expected one of {sorted(table)}")
+    cls = table[kind]
+    _no_unknown(d, {f.name for f in dataclasses.fields(cls)}, cls.__name__)
+    return cls(**d)
+
+
+def _no_unknown(d: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
+    unknown = set(d) - set(allowed)
+    if unknown:
+        raise RecipeError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# layer spec and rules
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What to do with one quantizable op: a weight spec and an input-activation spec (either may
+    be None = leave that operand in floating point)."""
+
+    weight: QuantSpec | None = None
+    activation: QuantSpec | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.weight is None or isinstance(self.weight, QuantSpec),
+               f"LayerSpec.weight must be a QuantSpec or None, got {self.weight!r}")
+        _check(self.activation is None or isinstance(self.activation, QuantSpec),
+               f"LayerSpec.activation must be a QuantSpec or None, got {self.activation!r}")
+        if self.activation is not None:
+            _check(not isinstance(self.activation.granularity, PerGroup),
+                   "LayerSpec.activation: per-group granularity is for weights only")
+            _check(not isinstance(self.activation.granularity, PerChannel),
+                   "LayerSpec.activation: integer kernels need one activation scale per tensor; "
+                   "use PerTensor (timestep-dependent scales come from TDQ tables)")
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight is None and self.activation is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weight": None if self.weight is None else self.weight.to_dict(),
+            "activation": None if self.activation is None else self.activation.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> LayerSpec | None:
+        if d is None:
+            return None
+        _no_unknown(d, {"weight", "activation"}, "LayerSpec")
+        w, a = d.get("weight"), d.get("activation")
+        return cls(weight=None if w is None else QuantSpec.from_dict(w),
+                   activation=None if a is None else QuantSpec.from_dict(a))
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Selects ops by module-path regex (``re.fullmatch``; None = any path), op kind and role.
+
+    All given conditions must hold. ``spec`` None keeps the selected ops in floating point.
+    """
+
+    spec: LayerSpec | None
+    pattern: str | None = None
+    ops: frozenset[str] = OP_KINDS
+    roles: frozenset[str] = frozenset()
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ops", frozenset(self.ops))
+        object.__setattr__(self, "roles", frozenset(self.roles))
+        _check(self.spec is None or isinstance(self.spec, LayerSpec),
+               f"LayerRule.spec must be a LayerSpec or None, got {self.spec!r}")
+        bad = self.ops - OP_KINDS
+        _check(not bad and self.ops, f"LayerRule.ops: unknown op kind(s) {sorted(bad)}; known: {sorted(OP_KINDS)}")
+        bad = self.roles - ROLE_NAMES
+        _check(not bad, f"LayerRule.roles: unknown role(s) {sorted(bad)}; known: {sorted(ROLE_NAMES)}")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise RecipeError(f"LayerRule.pattern {self.pattern!r} is not a valid regex: {e}") from None
+
+    def matches(self, path: str, op_kind: str, roles: Iterable[str] = ()) -> bool:
+        if op_kind not in self.ops:
+            return False
+        if self.roles and not (self.roles & frozenset(roles)):
+            return False
+        return self.pattern is None or re.fullmatch(self.pattern, path) is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pattern": self.pattern,
+            "ops": sorted(self.ops),
+            "roles": sorted(self.roles),
+            "spec": None if self.spec is None else self.spec.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerRule:
+        _no_unknown(d, {"name", "pattern", "ops", "roles", "spec"}, "LayerRule")
+        return cls(spec=LayerSpec.from_dict(d.get("spec")), pattern=d.get("pattern"),
+                   ops=frozenset(d.get("ops", sorted(OP_KINDS))), roles=frozenset(d.get("roles", ())),
+                   name=d.get("name", ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# recipe
+
+
+TimestepPolicy = Literal["error", "clamp"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered rule list, a default, and the settings the method passes read.
+
+    ``num_train_timesteps`` is T: timestep-indexed tables have T entries, indexed by the integer
+    training timestep. ``timestep_policy`` says what a timestep outside [0, T) does: raise
+    (``"error"``) or clamp with a warning (``"clamp"``).
+    """
+
+    name: str
+    rules: tuple[LayerRule, ...] = ()
+    default: LayerSpec | None = None
+    num_train_timesteps: int = 1000
+    timestep_policy: TimestepPolicy = "error"
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple(self.rules))
+        _check(isinstance(self.name, str) and bool(self.name), "Recipe.name must be a non-empty string")
+        for i, r in enumerate(self.rules):
+            _check(isinstance(r, LayerRule), f"Recipe.rules[{i}] must be a LayerRule, got {type(r).__name__}")
+        _check(self.default is None or isinstance(self.default, LayerSpec),
+               f"Recipe.default must be a LayerSpec or None, got {self.default!r}")
+        _check(isinstance(self.num_train_timesteps, int) and self.num_train_timesteps >= 1,
+               f"Recipe.num_train_timesteps must be a positive integer, got {self.num_train_timesteps!r}")
+        _check(self.timestep_policy in ("error", "clamp"),
+               f"Recipe.timestep_policy must be 'error' or 'clamp', got {self.timestep_policy!r}")
+        _check(self.version == RECIPE_VERSION,
+               f"Recipe.version {self.version} is not supported (this stepq reads version {RECIPE_VERSION})")
+
+    def spec_for(self, path: str, op_kind: str, roles: Iterable[str] = ()) -> tuple[LayerSpec | None, str]:
+        """The spec for one op and the name of the rule that decided it ("default" if none)."""
+        roles = frozenset(roles)
+        for i, rule in enumerate(self.rules):
+            if rule.matches(path, op_kind, roles):
+                return rule.spec, rule.name or f"rules[{i}]"
+        return self.default, "default"
+
+    @property
+    def quantizes_anything(self) -> bool:
+        specs = [r.spec for r in self.rules] + [self.default]
+        return any(s is not None and not s.is_float for s in specs)
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "name": self.name,
+            "num_train_timesteps": self.num_train_timesteps,
+            "timestep_policy": self.timestep_policy,
+            "rules": [r.to_dict() for r in self.rules],
+            "default": None if self.default is None else self.default.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
+        if not isinstance(d, Mapping):
+            raise RecipeError(f"a recipe must be a mapping, got {type(d).__name__}")
+        _no_unknown(d, {"version", "name", "num_train_timesteps", "timestep_policy", "rules", "default"}, "Recipe")
+        version = d.get("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise RecipeError(f"recipe version {version} is not supported (this stepq reads {RECIPE_VERSION})")
+        return cls(
+            name=d["name"],
+            rules=tuple(LayerRule.from_dict(r) for r in d.get("rules", ())),
+            default=LayerSpec.from_dict(d.get("default")),
+            num_train_timesteps=d.get("num_train_timesteps", 1000),
+            timestep_policy=d.get("timestep_policy", "error"),
+            version=version,
+        )

@@ -1,0 +1,75 @@
+"""Quantize weights: store every fake-quantized weight as integers, packed below 8 bits.
+
+    fake_quant(W, s, z, qmin, qmax, axis, g)
+      →  dequantize(W_q, s, z, axis, g)                         (8 bits: W_q int8 / uint8)
+      →  dequantize(unpack(W_p, b, signed, shape), s, z, axis, g) (b < 8 bits: W_p packed uint8)
+
+with ``W_q = clamp(round(W / s) + z, qmin, qmax)``. The dequantized weight equals the fake-quantized
+one bit for bit (same arithmetic), so the converted model computes exactly what the calibrated
+program did. The floating-point weight is deleted when nothing else reads it.
+
+Requires: weight quantizers whose input is a ``get_attr``. Guarantees: no weight fake_quant left.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from stepq.compiler import meta, ops
+from stepq.compiler.graph_utils import delete_attr, fetch_attr, register_tensor
+from stepq.compiler.pass_manager import PassResult
+from stepq.compiler.program import Program
+
+__all__ = ["QuantizeWeights", "grid_bits"]
+
+
+def grid_bits(quant_min: int, quant_max: int) -> tuple[int, bool]:
+    """(bits, signed) of a standard grid."""
+    signed = quant_min < 0
+    bits = int(math.log2(quant_max + 1)) + (1 if signed else 0)
+    return bits, signed
+
+
+class QuantizeWeights:
+    name = "quantize_weights"
+
+    def __call__(self, prog: Program) -> PassResult:
+        gm = prog.gm
+        graph = gm.graph
+        count = 0
+        for node in list(graph.nodes):
+            if node.target is not ops.FAKE_QUANT or node.meta.get(meta.QUANTIZER_ROLE) != "weight":
+                continue
+            w_node, s_node, z_node, qmin, qmax, axis, group = node.args
+            if w_node.op != "get_attr":
+                continue
+            w = fetch_attr(gm, w_node.target)
+            s = fetch_attr(gm, s_node.target)
+            z = fetch_attr(gm, z_node.target)
+            bits, signed = grid_bits(qmin, qmax)
+            dtype = torch.int8 if signed else torch.uint8
+            q = ops.quantize(w.detach(), s, z, qmin, qmax, axis, group, dtype)
+            with graph.inserting_before(node):
+                if bits == 8:
+                    q_name = register_tensor(gm, f"{w_node.target}_int8" if signed else f"{w_node.target}_uint8", q)
+                    q_node = graph.get_attr(q_name)
+                    meta.mark_inserted(q_node)
+                else:
+                    p_name = register_tensor(gm, f"{w_node.target}_packed{bits}", ops.pack(q, bits, signed))
+                    p_node = graph.get_attr(p_name)
+                    q_node = graph.call_function(ops.UNPACK, (p_node, bits, signed, list(w.shape)))
+                    meta.mark_inserted(p_node)
+                    meta.mark_inserted(q_node)
+                dq = graph.call_function(ops.DEQUANTIZE, (q_node, s_node, z_node, axis, group, w.dtype))
+            meta.mark_inserted(dq, **{meta.QUANTIZER_ROLE: "weight_dequant", meta.ACT_QUANTIZER: str(w_node.target),
+                                      meta.WEIGHT_BITS: bits})
+            dq.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(dq)
+            graph.erase_node(node)
+            if not w_node.users:
+                graph.erase_node(w_node)
+                delete_attr(gm, w_node.target)
+            count += 1
+        return PassResult(count)
