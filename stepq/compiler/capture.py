@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch.export import Dim
+from torch.utils import _pytree as pytree
 
 from stepq.compiler.errors import CaptureError
 from stepq.compiler.program import InputSignature, Program
@@ -33,6 +34,10 @@ SAMPLE_NAMES = ("sample", "hidden_states", "x", "latents", "latent_model_input",
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _STEPQ_DIR = os.path.dirname(os.path.dirname(__file__))
+
+
+def _batch_dim(v: Any) -> Any:
+    return {0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() >= 1 else None
 
 
 def _normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> dict[str, Any]:
@@ -164,8 +169,7 @@ def capture(
 
     dynamic_shapes = None
     if dynamic_batch:
-        dynamic_shapes = {k: ({0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() >= 1 else None)
-                          for k, v in inputs.items()}
+        dynamic_shapes = {k: pytree.tree_map(_batch_dim, v) for k, v in inputs.items()}
 
     flags = {m: m.training for m in model.modules()}
     try:
@@ -187,6 +191,12 @@ def capture(
     # training loops of later stages need the plain nn.Module methods back.
     for attr in ("train", "eval"):
         gm.__dict__.pop(attr, None)
+    # ... and it checks inputs against the placeholders' example shapes in a forward pre-hook: stepq
+    # checks the call itself (InputSignature.bind), and passes may legitimately refine those shapes.
+    for key, hook in list(gm._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            del gm._forward_pre_hooks[key]
+            gm._forward_pre_hooks_with_kwargs.pop(key, None)
     signature = InputSignature.from_call(model.forward, inputs, timestep)
     prog = Program(gm=gm, signature=signature, timestep_arg=timestep, sample_arg=sample,
                    model_name=type(model).__name__, timestep_scale=float(timestep_scale))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from stepq.compiler.errors import CalibrationError
 from stepq.compiler.specs import QuantSpec
@@ -152,7 +153,7 @@ class ActivationObserver(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        if not x.dtype.is_floating_point:
+        if not x.dtype.is_floating_point or is_fake(x):
             return x
         rows = x.detach().reshape(x.shape[0], -1) if x.dim() >= 1 else x.detach().reshape(1, 1)
         ts = self._sample_timesteps(rows, t)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.fx._pytree as fx_pytree
+from torch.fx.graph import _PyTreeCodeGen
 
 from stepq.compiler.errors import InputSignatureError
 
@@ -191,6 +193,14 @@ class Program:
         if self.sample_arg is not None and isinstance(bound.get(self.sample_arg), torch.Tensor):
             batch = bound[self.sample_arg].shape[0]
         return self.signature.expand_timestep(bound, batch)
+
+    def flat_inputs(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Any]:
+        """The call's arguments flattened in placeholder order (what ``fx.Interpreter.run`` takes)."""
+        bound = self.bind(args, kwargs)
+        codegen = self.gm.graph._codegen
+        if isinstance(codegen, _PyTreeCodeGen):
+            return list(fx_pytree.tree_flatten_spec(((), bound), codegen.pytree_info.in_spec))
+        return [bound[n.target] for n in self.gm.graph.nodes if n.op == "placeholder"]
 
     def placeholder(self, name: str) -> torch.fx.Node:
         for node in self.gm.graph.nodes:

@@ -60,16 +60,11 @@ class _Probe(torch.fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
 
-def _flat_inputs(prog: Program, batch: Mapping[str, Any]) -> list[Any]:
-    bound = prog.bind((), batch)
-    return [bound[n.name] for n in prog.gm.graph.nodes if n.op == "placeholder"]
-
-
 @torch.no_grad()
 def collect_layer_outputs(prog: Program, batch: Mapping[str, Any], names: set[str], *, bypass: bool
                           ) -> dict[str, torch.Tensor]:
     probe = _Probe(prog.gm, names, bypass)
-    probe.run(*_flat_inputs(prog, batch))
+    probe.run(*prog.flat_inputs((), batch))
     return probe.outputs
 
 

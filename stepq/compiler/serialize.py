@@ -22,8 +22,10 @@ import torch.fx
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
+from stepq.compiler import meta
 from stepq.compiler.errors import ArtifactError
 from stepq.compiler.graph_utils import fetch_attr
+from stepq.compiler.specs import LayerSpec, QuantSpec
 
 __all__ = ["graph_from_json", "graph_to_json"]
 
@@ -113,6 +115,33 @@ def _dec(v: Any, nodes: dict[str, torch.fx.Node]) -> Any:
     raise ArtifactError(f"unknown argument tag {tag!r}")
 
 
+def _meta_to_json(node: torch.fx.Node) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in (meta.LAYER, meta.OP_KIND, meta.RULE, meta.QUANTIZER_ROLE, meta.ACT_QUANTIZER, meta.WEIGHT_BITS,
+                meta.STEPQ_INSERTED):
+        if key in node.meta:
+            out[key] = node.meta[key]
+    if meta.ROLES in node.meta:
+        out[meta.ROLES] = sorted(node.meta[meta.ROLES])
+    if meta.LAYER_SPEC in node.meta:
+        spec = node.meta[meta.LAYER_SPEC]
+        out[meta.LAYER_SPEC] = None if spec is None else spec.to_dict()
+    if node.meta.get(meta.QSPEC) is not None:
+        out[meta.QSPEC] = node.meta[meta.QSPEC].to_dict()
+    return out
+
+
+def _meta_from_json(d: dict[str, Any]) -> dict[str, Any]:
+    out = dict(d)
+    if meta.ROLES in out:
+        out[meta.ROLES] = frozenset(out[meta.ROLES])
+    if meta.LAYER_SPEC in out:
+        out[meta.LAYER_SPEC] = LayerSpec.from_dict(out[meta.LAYER_SPEC])
+    if meta.QSPEC in out:
+        out[meta.QSPEC] = QuantSpec.from_dict(out[meta.QSPEC])
+    return out
+
+
 def graph_to_json(gm: torch.fx.GraphModule) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(graph description, tensors by qualified name)."""
     nodes, tensors = [], {}
@@ -132,6 +161,9 @@ def graph_to_json(gm: torch.fx.GraphModule) -> tuple[dict[str, Any], dict[str, t
             raise ArtifactError(f"cannot serialise a {n.op} node ({n.name}: {n.target}); convert the program first")
         entry["args"] = _enc(tuple(n.args))
         entry["kwargs"] = _enc(dict(n.kwargs))
+        node_meta = _meta_to_json(n)
+        if node_meta:
+            entry["meta"] = node_meta
         nodes.append(entry)
     doc: dict[str, Any] = {"format": GRAPH_FORMAT, "nodes": nodes}
     codegen = gm.graph._codegen
@@ -192,6 +224,7 @@ def graph_from_json(doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> to
         n = graph.create_node(op, target, args, kwargs, name=e["name"])
         if n.name != e["name"]:
             raise ArtifactError(f"duplicate node name {e['name']!r} in the saved graph")
+        n.meta.update(_meta_from_json(e.get("meta", {})))
         nodes[e["name"]] = n
     if "pytree" in doc:
         pt = doc["pytree"]

@@ -1,0 +1,139 @@
+"""Calibration data collected along real sampling trajectories.
+
+``collect`` drives the floating-point model with a real diffusers scheduler (DDPM, DDIM,
+flow-matching Euler, ...) from seeded Gaussian noise and records the exact keyword arguments the
+denoiser receives at every step (with classifier-free guidance, the batched [cond; uncond] call).
+The result is an iterable of input dicts that ``stepq.calibrate`` (and the methods that fit
+per-timestep parameters) consume.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from stepq.compiler.errors import CalibrationError
+from stepq.samplers import MakeInputs, default_make_inputs, make_denoiser, sample
+
+__all__ = ["CalibrationData", "collect"]
+
+
+def _detach(v: Any) -> Any:
+    return v.detach().clone() if isinstance(v, Tensor) else v
+
+
+@dataclass
+class CalibrationData:
+    """Recorded denoiser inputs: one dict per model call, with the timestep of each call."""
+
+    items: list[dict[str, Any]] = field(default_factory=list)
+    timesteps: list[float] = field(default_factory=list)
+    timestep_arg: str = "timestep"
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+    def subset(self, n: int, *, seed: int = 0) -> CalibrationData:
+        """``n`` items drawn without replacement, spread over the recorded timesteps."""
+        if n >= len(self.items):
+            return self
+        idx = sorted(random.Random(seed).sample(range(len(self.items)), n))
+        return CalibrationData([self.items[i] for i in idx], [self.timesteps[i] for i in idx], self.timestep_arg)
+
+    def at_timesteps(self, keep: Callable[[float], bool]) -> CalibrationData:
+        idx = [i for i, t in enumerate(self.timesteps) if keep(t)]
+        return CalibrationData([self.items[i] for i in idx], [self.timesteps[i] for i in idx], self.timestep_arg)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(next(v.shape[0] for v in item.values() if isinstance(v, Tensor) and v.dim() > 0)
+                   for item in self.items)
+
+
+def _infer_shape(model: Any) -> tuple[int, ...]:
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        c = cfg.get("in_channels") if hasattr(cfg, "get") else getattr(cfg, "in_channels", None)
+        s = cfg.get("sample_size") if hasattr(cfg, "get") else getattr(cfg, "sample_size", None)
+        if c is not None and s is not None:
+            h, w = (s, s) if isinstance(s, int) else tuple(s)
+            return (int(c), int(h), int(w))
+    raise CalibrationError("cannot infer the sample shape from the model; pass sample_shape=(C, H, W)")
+
+
+def collect(
+    model: Callable[..., Any],
+    scheduler: Any,
+    *,
+    num_samples: int,
+    num_inference_steps: int,
+    make_inputs: MakeInputs | None = None,
+    seed: int = 0,
+    sample_shape: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    conditions: Callable[[int, torch.Generator], Mapping[str, Any]] | None = None,
+    uncond: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+    guidance_scale: float = 1.0,
+    eta: float | None = None,
+    channels: int | None = None,
+    progress: bool = True,
+) -> CalibrationData:
+    """Record the denoiser's inputs along ``num_samples`` FP trajectories of ``scheduler``.
+
+    Args:
+        model: the floating-point denoiser.
+        scheduler: a diffusers scheduler (DDPMScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler, ...);
+            it is copied, never mutated.
+        num_samples: trajectories to run. Every step of every trajectory is recorded.
+        num_inference_steps: steps per trajectory.
+        make_inputs: ``(x_t, t, cond) -> kwargs`` for the model; defaults to the diffusers convention.
+        seed: seeds the initial noise, the conditions and the sampler's noise.
+        sample_shape: (C, H, W) of one sample; read from ``model.config`` when not given.
+        batch_size: trajectories run together (default: all of them).
+        conditions: ``(n, generator) -> dict`` drawing the conditioning of n samples (class labels...).
+        uncond: ``cond -> dict`` giving the unconditional inputs for classifier-free guidance.
+        guidance_scale: CFG scale; with ``uncond`` and a scale != 1 the model is called on [cond; uncond].
+        eta: DDIM's η (ignored by schedulers that do not take it).
+        channels: keep the first ``channels`` of the prediction (learned-variance models); defaults to C.
+    """
+    if num_samples <= 0 or num_inference_steps <= 0:
+        raise CalibrationError(f"num_samples and num_inference_steps must be positive, got {num_samples} and "
+                               f"{num_inference_steps}")
+    shape = tuple(sample_shape) if sample_shape is not None else _infer_shape(model)
+    make = make_inputs or default_make_inputs(model)
+    bs = batch_size or num_samples
+    data = CalibrationData()
+    gen = torch.Generator().manual_seed(seed)
+    n_batches = math.ceil(num_samples / bs)
+    bar = tqdm(total=n_batches * num_inference_steps, desc="collect", disable=not progress, leave=False)
+
+    def record(kw: dict[str, Any], out: Tensor) -> None:
+        data.items.append({k: _detach(v) for k, v in kw.items()})
+        bar.update(1)
+
+    for b in range(n_batches):
+        n = min(bs, num_samples - b * bs)
+        noise = torch.randn((n, *shape), generator=gen)
+        cond = dict(conditions(n, gen)) if conditions is not None else {}
+        un = dict(uncond(cond)) if uncond is not None else None
+        fn = make_denoiser(model, make_inputs=make, cond=cond, uncond=un, guidance_scale=guidance_scale,
+                           channels=channels if channels is not None else shape[0], on_call=record)
+        steps: list[float] = []
+        sample(fn, scheduler, noise, num_inference_steps, seed=seed * 1_000_003 + b, eta=eta,
+               on_step=lambda i, t, x, p: steps.append(float(t)))
+        data.timesteps.extend(steps)
+    bar.close()
+    return data
