@@ -131,9 +131,7 @@ def collect(
         un = dict(uncond(cond)) if uncond is not None else None
         fn = make_denoiser(model, make_inputs=make, cond=cond, uncond=un, guidance_scale=guidance_scale,
                            channels=channels if channels is not None else shape[0], on_call=record)
-        steps: list[float] = []
         sample(fn, scheduler, noise, num_inference_steps, seed=seed * 1_000_003 + b, eta=eta,
-               on_step=lambda i, t, x, p: steps.append(float(t)))
-        data.timesteps.extend(steps)
+               on_step=lambda i, t, x, p: data.timesteps.append(float(t)))
     bar.close()
     return data

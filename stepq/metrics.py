@@ -92,7 +92,7 @@ def frechet_distance(feats_a: np.ndarray | Tensor, feats_b: np.ndarray | Tensor)
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError(f"need at least 2 samples per set for a covariance, got {a.shape[0]} and {b.shape[0]}")
     mu1, mu2 = a.mean(axis=0), b.mean(axis=0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():

@@ -48,6 +48,7 @@ def default_make_inputs(model: Any) -> MakeInputs:
     """Keyword arguments for a diffusers-style denoiser: the sample under its parameter name
     (``sample`` for UNets, ``hidden_states`` for transformers), ``timestep`` expanded to the batch,
     the conditioning dict, and ``return_dict=False`` when the model takes it."""
+    params: Mapping[str, Any]
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError, AttributeError):
@@ -99,7 +100,7 @@ def make_denoiser(
     guided = guidance_scale != 1.0 and uncond is not None
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
-        if guided:
+        if guided and uncond is not None:
             kw = make(torch.cat([x, x]), t, _cat_cond(cond, uncond))
         else:
             kw = make(x, t, cond)

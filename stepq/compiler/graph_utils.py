@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-__all__ = ["delete_attr", "fetch_attr", "get_attr", "has_attr", "register_tensor", "unique_name"]
+__all__ = ["arg_node", "delete_attr", "fetch_attr", "has_attr", "register_tensor", "unique_name"]
 
 
-def _owner(gm: torch.nn.Module, qualname: str, create: bool) -> tuple[torch.nn.Module, str]:
-    *path, leaf = qualname.split(".")
+def _owner(gm: torch.nn.Module, qualname: object, create: bool) -> tuple[torch.nn.Module, str]:
+    *path, leaf = str(qualname).split(".")
     mod = gm
     for part in path:
         nxt = getattr(mod, part, None)
@@ -24,7 +24,7 @@ def _owner(gm: torch.nn.Module, qualname: str, create: bool) -> tuple[torch.nn.M
     return mod, leaf
 
 
-def has_attr(gm: torch.nn.Module, qualname: str) -> bool:
+def has_attr(gm: torch.nn.Module, qualname: object) -> bool:
     try:
         mod, leaf = _owner(gm, qualname, create=False)
     except AttributeError:
@@ -32,7 +32,7 @@ def has_attr(gm: torch.nn.Module, qualname: str) -> bool:
     return hasattr(mod, leaf)
 
 
-def fetch_attr(gm: torch.nn.Module, qualname: str) -> torch.Tensor:
+def fetch_attr(gm: torch.nn.Module, qualname: object) -> torch.Tensor:
     mod, leaf = _owner(gm, qualname, create=False)
     return getattr(mod, leaf)
 
@@ -58,7 +58,7 @@ def register_tensor(gm: torch.nn.Module, qualname: str, tensor: torch.Tensor, *,
     return qualname
 
 
-def delete_attr(gm: torch.nn.Module, qualname: str) -> None:
+def delete_attr(gm: torch.nn.Module, qualname: object) -> None:
     mod, leaf = _owner(gm, qualname, create=False)
     if leaf in mod._parameters:
         del mod._parameters[leaf]
@@ -68,8 +68,9 @@ def delete_attr(gm: torch.nn.Module, qualname: str) -> None:
         delattr(mod, leaf)
 
 
-def get_attr(graph: torch.fx.Graph, qualname: str, value: torch.Tensor | None = None) -> torch.fx.Node:
-    node = graph.get_attr(qualname)
-    if value is not None:
-        node.meta["tensor_meta_shape"] = tuple(value.shape)
-    return node
+def arg_node(node: torch.fx.Node, index: int) -> torch.fx.Node:
+    """``node.args[index]``, which must be a Node (typed access for passes)."""
+    a = node.args[index]
+    if not isinstance(a, torch.fx.Node):
+        raise TypeError(f"argument {index} of {node.name} is {a!r}, not a graph node")
+    return a

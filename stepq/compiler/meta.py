@@ -16,15 +16,16 @@ __all__ = [
     "ACT_QUANTIZER",
     "LAYER",
     "LAYER_SPEC",
-    "QSPEC",
-    "STATE_ACT_STATS",
-    "STATE_REPORT_BATCH",
-    "WEIGHT_BITS",
     "OP_KIND",
+    "QSPEC",
     "QUANTIZER_ROLE",
     "ROLES",
     "RULE",
+    "STATE_ACT_STATS",
+    "STATE_REPORT_BATCH",
+    "STATE_TIMESTEP_TABLES",
     "STEPQ_INSERTED",
+    "WEIGHT_BITS",
     "get_layer_spec",
     "set_layer_spec",
 ]
@@ -49,6 +50,8 @@ QSPEC = "stepq.qspec"
 WEIGHT_BITS = "stepq.weight_bits"
 #: Program.state key: {quantizer name: ActivationStats} gathered during calibration.
 STATE_ACT_STATS = "activation_stats"
+#: Program.state key: {quantizer name: TimestepTable} for attach_timestep_tables.
+STATE_TIMESTEP_TABLES = "timestep_tables"
 #: Program.state key: one calibration batch (a dict of inputs) kept for the report.
 STATE_REPORT_BATCH = "report_batch"
 #: set on every node a stepq pass created.

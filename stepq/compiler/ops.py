@@ -8,7 +8,9 @@ them one to one:
     fake_quant:  y = dequantize(quantize(x))
 
 ``scale`` and ``zero_point`` are tensors (never Python numbers), so a pass can feed them from a
-buffer, a learned parameter, or a timestep-indexed table. Their layout is ONNX's:
+buffer, a learned parameter, or a timestep-indexed table (``timestep_index`` maps the model's
+timestep input to the integer row of such a table, see ``stepq.compiler.timesteps``). Their layout
+is ONNX's:
 
 * ``axis`` is None: per tensor, ``scale.numel() == 1``;
 * ``axis`` given, ``group_size == 0``: one value per slice along ``axis``, shape ``[x.shape[axis]]``;
@@ -43,7 +45,7 @@ __all__ = [
     "unpack",
 ]
 
-_LIB = torch.library.Library("stepq", "DEF")  # noqa: TOR901 - the library lives for the process
+_LIB = torch.library.Library("stepq", "DEF")
 
 _LIB.define(
     "fake_quant(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
@@ -58,6 +60,7 @@ _LIB.define(
     "ScalarType out_dtype=float) -> Tensor"
 )
 _LIB.define("unpack(Tensor packed, int bits, bool signed, SymInt[] shape) -> Tensor")
+_LIB.define("timestep_index(Tensor t, int num_train_timesteps, float scale, bool clamp) -> Tensor")
 
 
 def check_grid(quant_min: int, quant_max: int) -> None:
@@ -234,6 +237,18 @@ def _unpack_fake(packed, bits, signed, shape):
     return packed.new_empty(shape, dtype=torch.int8 if signed else torch.uint8)
 
 
+@torch.library.impl(_LIB, "timestep_index", "CompositeExplicitAutograd")
+def _timestep_index_impl(t: Tensor, num_train_timesteps: int, scale: float, clamp: bool) -> Tensor:
+    from stepq.compiler.timesteps import timestep_index as _index
+
+    return _index(t, scale=scale, num_train_timesteps=num_train_timesteps, policy="clamp" if clamp else "error")
+
+
+@torch.library.register_fake("stepq::timestep_index")
+def _timestep_index_fake(t, num_train_timesteps, scale, clamp):
+    return torch.empty_like(t, dtype=torch.int64)
+
+
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int,
                axis: int | None = None, group_size: int = 0) -> Tensor:
     return torch.ops.stepq.fake_quant(x, scale, zero_point, quant_min, quant_max, axis, group_size)
@@ -258,3 +273,4 @@ FAKE_QUANT = torch.ops.stepq.fake_quant.default
 QUANTIZE = torch.ops.stepq.quantize.default
 DEQUANTIZE = torch.ops.stepq.dequantize.default
 UNPACK = torch.ops.stepq.unpack.default
+TIMESTEP_INDEX = torch.ops.stepq.timestep_index.default

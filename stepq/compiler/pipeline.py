@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from stepq.compiler.pass_manager import Pass, Skip
 from stepq.compiler.specs import Recipe
-from stepq.passes import AnnotateLayers, CanonicalizeExport, InsertQuantizers, MaterializeQuantizers, QuantizeWeights
+from stepq.passes import (
+    AnnotateLayers,
+    AttachTimestepTables,
+    CanonicalizeExport,
+    InsertQuantizers,
+    MaterializeQuantizers,
+    QuantizeWeights,
+)
 
 __all__ = ["build_calibration_pipeline", "build_convert_pipeline", "build_pipeline"]
 
@@ -36,6 +43,8 @@ def build_calibration_pipeline(recipe: Recipe) -> list[Pass | Skip | None]:
 def build_convert_pipeline(recipe: Recipe) -> list[Pass | Skip | None]:
     """Passes run by ``convert``."""
     return [
+        # activation scales → gathers from per-timestep tables (those in prog.state)
+        AttachTimestepTables(),
         # weights → integers (packed below 8 bits) + dequantize
         QuantizeWeights(),
     ]

@@ -20,8 +20,8 @@ from stepq.compiler.specs import (
     LayerSpec,
     MinMaxObserver,
     MSEObserver,
-    PerChannel,
     PercentileObserver,
+    PerChannel,
     PerTensor,
     QuantSpec,
     Recipe,
@@ -77,5 +77,9 @@ def static_recipe(name: str, w_bits: int, a_bits: int, *, keep_bits: int = 8) ->
     )
 
 
+def _static_factory(w_bits: int, a_bits: int) -> Callable[[], Recipe]:
+    return lambda: static_recipe(f"w{w_bits}a{a_bits}", w_bits, a_bits)
+
+
 for _w, _a in ((8, 8), (4, 8), (4, 4), (8, 4)):
-    register_preset(f"w{_w}a{_a}", lambda w=_w, a=_a: static_recipe(f"w{w}a{a}", w, a))
+    register_preset(f"w{_w}a{_a}", _static_factory(_w, _a))

@@ -61,9 +61,12 @@ class QuantizedModel(torch.nn.Module):
         return sum(t.numel() * t.element_size() for t in (fetch_attr(self.gm, q) for q in targets))
 
     def quantized_layers(self) -> list[str]:
-        return [n.meta[meta.LAYER] for n in self.gm.graph.nodes
-                if meta.LAYER in n.meta and meta.get_layer_spec(n) is not None
-                and not meta.get_layer_spec(n).is_float]
+        out = []
+        for n in self.gm.graph.nodes:
+            spec = meta.get_layer_spec(n)
+            if meta.LAYER in n.meta and spec is not None and not spec.is_float:
+                out.append(n.meta[meta.LAYER])
+        return out
 
     # -- artefacts -----------------------------------------------------------------------------
     def save(self, path: str) -> None:

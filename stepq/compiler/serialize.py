@@ -169,6 +169,7 @@ def graph_to_json(gm: torch.fx.GraphModule) -> tuple[dict[str, Any], dict[str, t
     codegen = gm.graph._codegen
     if isinstance(codegen, _PyTreeCodeGen):
         info = codegen.pytree_info
+        assert info.in_spec is not None and info.out_spec is not None
         doc["pytree"] = {"orig_args": list(info.orig_args), "in_spec": pytree.treespec_dumps(info.in_spec),
                          "out_spec": pytree.treespec_dumps(info.out_spec)}
     return doc, tensors

@@ -261,7 +261,7 @@ class LayerRule:
         _check(self.spec is None or isinstance(self.spec, LayerSpec),
                f"LayerRule.spec must be a LayerSpec or None, got {self.spec!r}")
         bad = self.ops - OP_KINDS
-        _check(not bad and self.ops, f"LayerRule.ops: unknown op kind(s) {sorted(bad)}; known: {sorted(OP_KINDS)}")
+        _check(not bad and bool(self.ops), f"LayerRule.ops: unknown op kind(s) {sorted(bad)}; known: {sorted(OP_KINDS)}")
         bad = self.roles - ROLE_NAMES
         _check(not bad, f"LayerRule.roles: unknown role(s) {sorted(bad)}; known: {sorted(ROLE_NAMES)}")
         if self.pattern is not None:

@@ -1,9 +1,10 @@
 """Graph passes, one per module. Each module's docstring states the rewrite and its math."""
 
 from stepq.passes.annotate_layers import AnnotateLayers
+from stepq.passes.attach_timestep_tables import AttachTimestepTables
 from stepq.passes.canonicalize_export import CanonicalizeExport
 from stepq.passes.insert_quantizers import InsertQuantizers
 from stepq.passes.materialize_quantizers import MaterializeQuantizers
 from stepq.passes.quantize_weights import QuantizeWeights
 
-__all__ = ["AnnotateLayers", "CanonicalizeExport", "InsertQuantizers", "MaterializeQuantizers", "QuantizeWeights"]
+__all__ = ["AnnotateLayers", "AttachTimestepTables", "CanonicalizeExport", "InsertQuantizers", "MaterializeQuantizers", "QuantizeWeights"]

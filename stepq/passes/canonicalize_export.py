@@ -33,7 +33,7 @@ def _squeeze_is_noop(node: torch.fx.Node) -> bool:
     val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
     if not isinstance(val, torch.Tensor) or val.dim() == 0:
         return False
-    d = node.args[1] % val.dim()
+    d = int(node.args[1]) % val.dim()  # type: ignore[arg-type]
     # a symbolic size (the dynamic batch) is kept: the squeeze may act on it
     size = val.shape[d]
     return isinstance(size, int) and size != 1

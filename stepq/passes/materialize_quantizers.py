@@ -63,7 +63,7 @@ class MaterializeQuantizers:
             fq.meta["val"] = node.meta.get("val")
             node.replace_all_uses_with(fq)
             gm.graph.erase_node(node)
-            gm.delete_submodule(node.target)
+            gm.delete_submodule(str(node.target))
             stats_store[name] = st
             count += 1
         return PassResult(count)

@@ -64,7 +64,7 @@ def ddpm() -> DDPMScheduler:
 
 
 # -- UNet2DModel ---------------------------------------------------------------------------------
-def _unet() -> torch.nn.Module:
+def _unet() -> Any:
     return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                        norm_num_groups=8, attention_head_dim=16)
@@ -75,7 +75,7 @@ def _unet_inputs(x, t, cond):
 
 
 # -- UNet2DConditionModel -------------------------------------------------------------------------
-def _unet_cond() -> torch.nn.Module:
+def _unet_cond() -> Any:
     return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
                                 layers_per_block=1, cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -91,7 +91,7 @@ def _unet_cond_inputs(x, t, cond):
 
 
 # -- DiT ------------------------------------------------------------------------------------------
-def _dit() -> torch.nn.Module:
+def _dit() -> Any:
     return DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8,
                                  num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=10,
                                  norm_num_groups=8)
@@ -102,7 +102,7 @@ def _dit_inputs(x, t, cond):
 
 
 # -- PixArt ---------------------------------------------------------------------------------------
-def _pixart() -> torch.nn.Module:
+def _pixart() -> Any:
     return PixArtTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8,
                                     num_layers=2, sample_size=16, patch_size=2, caption_channels=32,
                                     cross_attention_dim=64, norm_num_groups=8)
@@ -114,7 +114,7 @@ def _pixart_inputs(x, t, cond):
 
 
 # -- SD3 ------------------------------------------------------------------------------------------
-def _sd3() -> torch.nn.Module:
+def _sd3() -> Any:
     return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
                                  num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64,
                                  pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
@@ -132,7 +132,7 @@ def _sd3_inputs(x, t, cond):
 _FLUX_TOKENS, _FLUX_TXT = 16, 8
 
 
-def _flux() -> torch.nn.Module:
+def _flux() -> Any:
     return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                   attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
                                   pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(4, 6, 6))

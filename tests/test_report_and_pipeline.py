@@ -1,0 +1,76 @@
+"""The per-layer report, the pipeline listing, and the pass manager's errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import calib_set
+
+import stepq
+from stepq.compiler.pass_manager import PassResult, Skip, run_passes
+from stepq.compiler.pipeline import build_pipeline
+from stepq.compiler.report import sqnr_db
+from stepq.compiler.specs import Recipe
+from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
+
+
+def test_report_rows_and_output_layer_sqnr(capsys):
+    m = build_random_denoiser(RandomDenoiserConfig(kind="unet"))
+    data = calib_set(2)
+    qm = stepq.quantize(m, data[0], "w4a8", calibration=data, progress=False)
+    rows = qm.report()
+    printed = capsys.readouterr().out
+    assert "conv_out" in printed and "SQNR dB" in printed
+    by_layer = {r.layer: r for r in rows}
+    assert by_layer["conv_in"].weight_bits == 8 and by_layer["down.0.conv1"].weight_bits == 4
+    assert by_layer["down.0.conv1"].act_bits == 8
+    assert 0 < by_layer["down.0.conv1"].weight_scale_min <= by_layer["down.0.conv1"].weight_scale_max
+    # the output layer's SQNR is the model output's SQNR on the report batch (the first calibration batch)
+    expected = sqnr_db(m(**data[0]), qm(**data[0]))
+    assert by_layer["conv_out"].sqnr_db == pytest.approx(expected, abs=1e-3)
+    assert all(r.sqnr_db is None or not math.isnan(r.sqnr_db) for r in rows)
+
+
+def test_pipeline_lists_passes_in_order_and_skips_with_a_reason(caplog):
+    names = [p.name for p in build_pipeline(stepq.get_preset("w8a8"))]
+    assert names == ["canonicalize_export", "annotate_layers", "insert_quantizers"]
+    skipped = build_pipeline(Recipe(name="float"))[-1]
+    assert isinstance(skipped, Skip) and "floating point" in skipped.reason
+
+
+class _Boom:
+    name = "boom"
+
+    def __call__(self, prog):
+        raise ValueError("bad node foo")
+
+
+class _Breaks:
+    name = "breaks_graph"
+
+    def __call__(self, prog):
+        graph = prog.gm.graph
+        last = next(n for n in graph.nodes if n.op == "output").args[0]
+        first = next(n for n in graph.nodes if n.op != "placeholder")
+        with graph.inserting_before(first):
+            graph.call_function(torch.ops.aten.relu.default, (last,))  # uses a node before it is defined
+        return PassResult(1)
+
+
+def test_failing_pass_is_named_with_the_passes_before_it():
+    m = build_random_denoiser(RandomDenoiserConfig(kind="dit"))
+    prog = stepq.capture(m, calib_set(1)[0])
+    passes = build_pipeline(stepq.get_preset("w8a8"))[:2] + [_Boom()]
+    prog.recipe = stepq.get_preset("w8a8")
+    with pytest.raises(stepq.PassError, match=r"pass 'boom' failed: ValueError: bad node foo \(after the following "
+                                              r"passes: canonicalize_export, annotate_layers\)"):
+        run_passes(prog, passes)
+
+
+def test_lint_failure_after_a_pass_is_a_postcondition_error():
+    m = build_random_denoiser(RandomDenoiserConfig(kind="dit"))
+    prog = stepq.capture(m, calib_set(1)[0])
+    with pytest.raises(stepq.compiler.errors.PostconditionError, match="graph lint failed after pass 'breaks_graph'"):
+        run_passes(prog, [_Breaks()])
