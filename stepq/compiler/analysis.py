@@ -184,6 +184,15 @@ def structural_roles(gm: torch.fx.GraphModule, sample: str | None, timestep: str
     return roles
 
 
+def shares_batch(x: torch.fx.Node, t: torch.fx.Node) -> bool:
+    """True when x's leading dimension is provably the timestep's length (same size or symbol), so a
+    per-sample scale taken from t lines up with x's samples."""
+    xv, tv = x.meta.get("val"), t.meta.get("val")
+    if not isinstance(xv, torch.Tensor) or not isinstance(tv, torch.Tensor) or tv.dim() != 1 or xv.dim() == 0:
+        return False
+    return str(xv.shape[0]) == str(tv.shape[0])
+
+
 def getitem_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in node.users if u.op == "call_function" and u.target is operator.getitem]
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from stepq.compiler import meta
 from stepq.compiler.capture import capture
 from stepq.compiler.errors import CalibrationError, PreconditionError, RecipeError
+from stepq.compiler.fit import fit_scale_source
 from stepq.compiler.pass_manager import run_passes
 from stepq.compiler.pipeline import build_calibration_pipeline, build_convert_pipeline, build_pipeline
 from stepq.compiler.presets import get_preset
@@ -22,7 +23,10 @@ from stepq.compiler.report import layer_reports
 from stepq.compiler.specs import Recipe
 from stepq.passes.materialize_quantizers import observer_nodes
 
-__all__ = ["calibrate", "convert", "prepare", "quantize", "resolve_recipe"]
+__all__ = ["STATE_FIT_CURVE", "calibrate", "convert", "prepare", "quantize", "resolve_recipe"]
+
+#: Program.state key: the loss curve of the TDQ / free-table fit.
+STATE_FIT_CURVE = "scale_fit_curve"
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,9 @@ def calibrate(prog: Program, data: Iterable[Any], *, max_batches: int | None = N
     if data is None:
         raise CalibrationError("calibration data is None; pass an iterable of input dicts")
     observers = observer_nodes(prog.gm)
+    recipe = prog.recipe
+    fit_tdq = recipe.tdq is not None and recipe.qat is None and recipe.tdq.fit_steps > 0
+    kept: list[Any] = []
     n = 0
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     if max_batches is not None and total is not None:
@@ -92,11 +99,18 @@ def calibrate(prog: Program, data: Iterable[Any], *, max_batches: int | None = N
             first = prog.bind(args, kwargs)
         if observers:
             prog(*args, **kwargs)
+        if fit_tdq:
+            kept.append(prog.bind(args, kwargs))
         n += 1
     if n == 0:
         raise CalibrationError("calibration data is empty: it yielded no batches")
     prog.state[meta.STATE_REPORT_BATCH] = first
-    run_passes(prog, build_calibration_pipeline(prog.recipe))
+    run_passes(prog, build_calibration_pipeline(recipe))
+    if fit_tdq:
+        cfg = recipe.tdq
+        prog.state[STATE_FIT_CURVE] = fit_scale_source(
+            prog, kept, steps=cfg.fit_steps, lr=cfg.fit_lr, batch=cfg.fit_batch, seed=cfg.seed,
+            time_budget_s=cfg.time_budget_s, progress=progress)
     prog.advance("calibrated")
     return prog
 

@@ -12,7 +12,9 @@ from stepq.passes import (
     AnnotateLayers,
     AttachTimestepTables,
     CanonicalizeExport,
+    FreezeScaleSource,
     InsertQuantizers,
+    InsertScaleSource,
     MaterializeQuantizers,
     QuantizeWeights,
 )
@@ -37,12 +39,16 @@ def build_calibration_pipeline(recipe: Recipe) -> list[Pass | Skip | None]:
     return [
         # observers → fake-quant ops with frozen scales
         MaterializeQuantizers(),
+        # TDQ: step sizes from generators (or a free per-timestep table) of the timestep, trained next
+        InsertScaleSource() if recipe.tdq is not None else Skip("insert_scale_source", "the recipe has no TDQ section"),
     ]
 
 
 def build_convert_pipeline(recipe: Recipe) -> list[Pass | Skip | None]:
     """Passes run by ``convert``."""
     return [
+        # TDQ: generators evaluated at every training timestep → tables; the generators go
+        FreezeScaleSource() if recipe.tdq is not None else Skip("freeze_scale_source", "the recipe has no TDQ section"),
         # activation scales → gathers from per-timestep tables (those in prog.state)
         AttachTimestepTables(),
         # weights → integers (packed below 8 bits) + dequantize

@@ -6,8 +6,10 @@ keeps at 8 bits, by rule, the first layers after the sample input (input conv / 
 the last layers before the output, and the timestep-embedding MLP. The roles are found from the
 graph's structure, not from layer names, so the same preset works on any denoiser.
 
-Method presets (TDQ, PTQD, QALoRA, ternary) register themselves with ``register_preset`` from
-their own modules.
+TDQ presets ``wXaY-tdq`` add timestep-dependent activation step sizes (an MLP of t, fitted in PTQ),
+``wXaY-steptable`` the baseline with one free step per timestep, ``w4a4-qat`` LSQ quantization-aware
+training with static steps and ``w4a4-tdq-qat`` LSQ with TDQ generators. Other method presets
+(PTQD, QALoRA, ternary) register themselves with ``register_preset``.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from stepq.compiler.specs import (
     PercentileObserver,
     PerChannel,
     PerTensor,
+    QATConfig,
     QuantSpec,
     Recipe,
+    TDQConfig,
 )
 
 __all__ = ["activation_spec", "get_preset", "preset_names", "register_preset", "static_recipe", "weight_spec"]
@@ -81,5 +85,15 @@ def _static_factory(w_bits: int, a_bits: int) -> Callable[[], Recipe]:
     return lambda: static_recipe(f"w{w_bits}a{a_bits}", w_bits, a_bits)
 
 
+def _tdq_factory(w_bits: int, a_bits: int, method: str = "mlp", qat: bool = False) -> Callable[[], Recipe]:
+    suffix = ("-tdq" if method == "mlp" else "-steptable") + ("-qat" if qat else "")
+    return lambda: static_recipe(f"w{w_bits}a{a_bits}", w_bits, a_bits).replace(
+        name=f"w{w_bits}a{a_bits}{suffix}", tdq=TDQConfig(method=method), qat=QATConfig() if qat else None)
+
+
 for _w, _a in ((8, 8), (4, 8), (4, 4), (8, 4)):
     register_preset(f"w{_w}a{_a}", _static_factory(_w, _a))
+    register_preset(f"w{_w}a{_a}-tdq", _tdq_factory(_w, _a))
+    register_preset(f"w{_w}a{_a}-steptable", _tdq_factory(_w, _a, "table"))
+register_preset("w4a4-qat", lambda: static_recipe("w4a4", 4, 4).replace(name="w4a4-qat", qat=QATConfig()))
+register_preset("w4a4-tdq-qat", _tdq_factory(4, 4, qat=True))

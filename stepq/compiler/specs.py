@@ -31,8 +31,10 @@ __all__ = [
     "PerGroup",
     "PerTensor",
     "PercentileObserver",
+    "QATConfig",
     "QuantSpec",
     "Recipe",
+    "TDQConfig",
 ]
 
 #: bump when the serialised form of a Recipe changes incompatibly.
@@ -302,6 +304,77 @@ TimestepPolicy = Literal["error", "clamp"]
 
 
 @dataclass(frozen=True)
+class TDQConfig:
+    """Timestep-dependent activation step sizes (TDQ, So et al. 2023).
+
+    ``method="mlp"``: per activation quantizer, s(t) = softplus(MLP(fourier(t))), an MLP of 4 linear
+    layers (``hidden`` wide, ReLU) on a geometric Fourier encoding of t (``fourier_dim`` features,
+    periods up to ``t_max``). ``method="table"``: the baseline without a generator, one free step size
+    per training timestep (unvisited timesteps interpolated). Both start from the calibrated static
+    step and are frozen into a length-T table at convert time. In PTQ (no ``Recipe.qat``) they are fit
+    after calibration by layer-wise output reconstruction for ``fit_steps`` Adam steps.
+    """
+
+    method: Literal["mlp", "table"] = "mlp"
+    fourier_dim: int = 64
+    hidden: int = 64
+    t_max: float = 10000.0
+    fit_steps: int = 300
+    fit_lr: float = 5e-3
+    fit_batch: int = 4
+    time_budget_s: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("mlp", "table"), f"TDQConfig.method must be 'mlp' or 'table', got {self.method!r}")
+        _check(self.fourier_dim >= 2 and self.fourier_dim % 2 == 0,
+               f"TDQConfig.fourier_dim must be an even integer >= 2, got {self.fourier_dim}")
+        _check(self.hidden >= 1, f"TDQConfig.hidden must be >= 1, got {self.hidden}")
+        _check(self.t_max > 0, f"TDQConfig.t_max must be > 0, got {self.t_max}")
+        _check(self.fit_steps >= 0, f"TDQConfig.fit_steps must be >= 0, got {self.fit_steps}")
+        _check(self.fit_lr > 0, f"TDQConfig.fit_lr must be > 0, got {self.fit_lr}")
+        _check(self.fit_batch >= 1, f"TDQConfig.fit_batch must be >= 1, got {self.fit_batch}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> TDQConfig | None:
+        if d is None:
+            return None
+        _no_unknown(d, {f.name for f in dataclasses.fields(cls)}, "TDQConfig")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """LSQ quantization-aware training on the denoising loss: weights, weight step sizes and
+    activation step sizes (or TDQ generators) are learned with the straight-through estimator; the
+    step sizes' gradients are scaled by 1/sqrt(N·Q_P) (Esser et al. 2020)."""
+
+    steps: int = 500
+    lr: float = 1e-4
+    scale_lr: float = 1e-3
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"QATConfig.steps must be >= 1, got {self.steps}")
+        _check(self.lr > 0 and self.scale_lr > 0, "QATConfig learning rates must be > 0")
+        _check(self.batch_size >= 1, f"QATConfig.batch_size must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> QATConfig | None:
+        if d is None:
+            return None
+        _no_unknown(d, {f.name for f in dataclasses.fields(cls)}, "QATConfig")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """An ordered rule list, a default, and the settings the method passes read.
 
@@ -315,10 +388,14 @@ class Recipe:
     default: LayerSpec | None = None
     num_train_timesteps: int = 1000
     timestep_policy: TimestepPolicy = "error"
+    tdq: TDQConfig | None = None
+    qat: QATConfig | None = None
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
+        _check(self.tdq is None or isinstance(self.tdq, TDQConfig), f"Recipe.tdq must be a TDQConfig or None, got {self.tdq!r}")
+        _check(self.qat is None or isinstance(self.qat, QATConfig), f"Recipe.qat must be a QATConfig or None, got {self.qat!r}")
         _check(isinstance(self.name, str) and bool(self.name), "Recipe.name must be a non-empty string")
         for i, r in enumerate(self.rules):
             _check(isinstance(r, LayerRule), f"Recipe.rules[{i}] must be a LayerRule, got {type(r).__name__}")
@@ -355,13 +432,16 @@ class Recipe:
             "timestep_policy": self.timestep_policy,
             "rules": [r.to_dict() for r in self.rules],
             "default": None if self.default is None else self.default.to_dict(),
+            "tdq": None if self.tdq is None else self.tdq.to_dict(),
+            "qat": None if self.qat is None else self.qat.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
         if not isinstance(d, Mapping):
             raise RecipeError(f"a recipe must be a mapping, got {type(d).__name__}")
-        _no_unknown(d, {"version", "name", "num_train_timesteps", "timestep_policy", "rules", "default"}, "Recipe")
+        _no_unknown(d, {"version", "name", "num_train_timesteps", "timestep_policy", "rules", "default", "tdq", "qat"},
+                    "Recipe")
         version = d.get("version", RECIPE_VERSION)
         if version != RECIPE_VERSION:
             raise RecipeError(f"recipe version {version} is not supported (this stepq reads {RECIPE_VERSION})")
@@ -371,5 +451,7 @@ class Recipe:
             default=LayerSpec.from_dict(d.get("default")),
             num_train_timesteps=d.get("num_train_timesteps", 1000),
             timestep_policy=d.get("timestep_policy", "error"),
+            tdq=TDQConfig.from_dict(d.get("tdq")),
+            qat=QATConfig.from_dict(d.get("qat")),
             version=version,
         )

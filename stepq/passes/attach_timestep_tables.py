@@ -25,6 +25,7 @@ import torch
 import torch.fx
 
 from stepq.compiler import meta, ops
+from stepq.compiler.analysis import shares_batch
 from stepq.compiler.graph_utils import arg_node, delete_attr, fetch_attr, register_tensor
 from stepq.compiler.pass_manager import PassResult
 from stepq.compiler.program import Program
@@ -66,13 +67,6 @@ def timestep_index_node(prog: Program) -> torch.fx.Node:
     if isinstance(val, torch.Tensor):
         idx.meta["val"] = val.new_empty(val.shape, dtype=torch.int64) if not val.is_meta else val
     return idx
-
-
-def _same_batch(x: torch.fx.Node, t: torch.fx.Node) -> bool:
-    xv, tv = x.meta.get("val"), t.meta.get("val")
-    if not isinstance(xv, torch.Tensor) or not isinstance(tv, torch.Tensor) or tv.dim() != 1 or xv.dim() == 0:
-        return False
-    return str(xv.shape[0]) == str(tv.shape[0])
 
 
 def _table_target(node: torch.fx.Node) -> str | None:
@@ -122,7 +116,7 @@ class AttachTimestepTables:
             old_s, old_z = node.args[1], node.args[2]
             s_name = register_tensor(gm, f"{name}_scale_table", table.scale.detach().float().clone())
             z_name = register_tensor(gm, f"{name}_zero_point_table", table.zero_point.detach().float().clone())
-            per_sample = _same_batch(x, prog.timestep_node)
+            per_sample = shares_batch(x, prog.timestep_node)
             with graph.inserting_before(node):
                 index = idx_node
                 if not per_sample and isinstance(idx_node.meta.get("val"), torch.Tensor) and idx_node.meta["val"].dim() == 1:

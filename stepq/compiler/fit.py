@@ -1,0 +1,126 @@
+"""Layer-wise reconstruction: fit the activation step sizes (TDQ generators, free tables) in PTQ.
+
+For every quantized op C (Linear / Conv) whose input is an activation quantizer Q_l, on calibration
+inputs drawn from real sampler trajectories (many timesteps in one mini-batch):
+
+    L = Σ_C ‖C(Q_l(x; s_l(t)), Ŵ) − C(x, W)‖² / ‖C(x, W)‖²
+
+where x is the op's input in the floating-point model (errors do not accumulate across layers, so
+all layers are fitted at once), Ŵ its quantized weight, W its float weight, and s_l(t) comes from the
+scale source (per sample). Gradients reach s_l through the LSQ/STE formula of ``stepq::fake_quant``.
+Only the scale source's parameters are trained (Adam); the weights are fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from tqdm.auto import tqdm
+
+from stepq.compiler import meta, ops
+from stepq.compiler.errors import CalibrationError, PreconditionError
+from stepq.compiler.program import Program
+from stepq.passes.insert_scale_source import SCALE_SOURCE
+
+__all__ = ["fit_scale_source", "merge_batches"]
+
+log = logging.getLogger(__name__)
+
+
+def merge_batches(items: Sequence[Mapping[str, Any]], batch_key: str) -> dict[str, Any]:
+    """Concatenate input dicts along the batch: every tensor whose leading size is the batch size of
+    ``items[i][batch_key]``; other values (Flux's position ids, constants) are taken from the first."""
+    sizes = [i[batch_key].shape[0] for i in items]
+    out: dict[str, Any] = {}
+    for k, v in items[0].items():
+        if isinstance(v, torch.Tensor) and all(isinstance(i[k], torch.Tensor) and i[k].dim() >= 1
+                                               and i[k].shape[0] == b for i, b in zip(items, sizes)):
+            out[k] = torch.cat([i[k] for i in items])
+        else:
+            out[k] = v
+    return out
+
+
+class _LayerwiseLoss(torch.fx.Interpreter):
+    """Runs the FP model (quantizers bypassed) and, beside every quantized op, its quantized twin."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.student: dict[torch.fx.Node, torch.Tensor] = {}
+        self.losses: list[torch.Tensor] = []
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.target is ops.FAKE_QUANT:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if n.meta.get(meta.QUANTIZER_ROLE) == "activation":
+                self.student[n] = ops.FAKE_QUANT(*args, **kwargs)  # s from the scale source, with grad
+            else:
+                with torch.no_grad():
+                    self.student[n] = ops.FAKE_QUANT(*args, **kwargs)
+            return args[0]  # the teacher sees float values
+        out = super().run_node(n)
+        if meta.LAYER_SPEC in n.meta and any(a in self.student for a in n.args if isinstance(a, torch.fx.Node)):
+            if any(isinstance(a, torch.fx.Node) and a in self.student and a.meta.get(meta.QUANTIZER_ROLE) == "activation"
+                   for a in n.args):
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                s_args = tuple(self.student.get(a, v) if isinstance(a, torch.fx.Node) else v
+                               for a, v in zip(n.args, args))
+                y = n.target(*s_args, **kwargs)
+                ref = out.detach()
+                self.losses.append(((y - ref) ** 2).mean() / (ref.pow(2).mean() + 1e-12))
+        return out
+
+
+@torch.enable_grad()
+def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps: int, lr: float, batch: int = 4,
+                     seed: int = 0, time_budget_s: float | None = None, progress: bool = True) -> list[float]:
+    """Fit ``prog``'s activation scale source by layer-wise reconstruction; returns the loss curve.
+
+    Each step draws ``batch`` calibration items (each one step of a trajectory batch) at random, so
+    one mini-batch spans several timesteps.
+    """
+    gm = prog.gm
+    if not hasattr(gm, SCALE_SOURCE):
+        raise PreconditionError("fit_scale_source: the program has no scale source (insert_scale_source)")
+    items = list(data)
+    if not items:
+        raise CalibrationError("fit_scale_source: no calibration data")
+    source = gm.get_submodule(SCALE_SOURCE)
+    batch_key = prog.sample_arg or prog.timestep_arg
+    params = [p for p in source.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    rng = random.Random(seed)
+    curve: list[float] = []
+    start = time.perf_counter()
+    source.train()
+    bar = tqdm(range(steps), desc="fit scales", disable=not progress, leave=False)
+    for step in bar:
+        chosen = [items[rng.randrange(len(items))] for _ in range(batch)]
+        flat = prog.flat_inputs((), merge_batches([prog.bind((), c) for c in chosen], batch_key))
+        interp = _LayerwiseLoss(gm)
+        interp.run(*flat)
+        if not interp.losses:
+            raise PreconditionError("fit_scale_source: no quantized op reads an activation quantizer")
+        loss = torch.stack(interp.losses).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        curve.append(float(loss))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{curve[-1]:.4g}")
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+            log.info("fit_scale_source: time budget of %.0fs reached after %d steps", time_budget_s, step + 1)
+            break
+    source.eval()
+    for p in params:
+        p.requires_grad_(False)
+    log.info("fit_scale_source: %d steps, loss %.4g -> %.4g", len(curve), curve[0], curve[-1])
+    return curve

@@ -1,0 +1,118 @@
+"""Scale sources: modules that give every activation quantizer a step size per timestep.
+
+Both take the integer training timestep i ∈ [0, T) of each sample (``stepq::timestep_index``'s
+output) and return S of shape [L, B]: the step size of each of the L quantizers for each sample.
+
+``ScaleGenerators`` is TDQ (So et al., NeurIPS 2023). Per quantizer l,
+
+    enc(t)  = [cos(t·ω_k), sin(t·ω_k)],  ω_k = t_max^(−k/(D/2)),  k = 0 … D/2−1   (geometric Fourier)
+    s_l(t)  = softplus(W4 · relu(W3 · relu(W2 · relu(W1 · enc(t) + b1) + b2) + b3) + b4)
+
+(4 linear layers, hidden width H, He-initialised hidden layers). The last layer starts at W4 = 0,
+b4 = softplus⁻¹(s_static), so the generator begins exactly at the calibrated static solution. All L
+MLPs are evaluated as one batched einsum, which keeps fitting fast.
+
+``ScaleTable`` is the baseline without a generator: a free step size per training timestep,
+s_l(t) = softplus(θ[l, t]), initialised to the static step. Timesteps never visited in fitting
+get no gradient; ``tables()`` fills them by linear interpolation between visited neighbours.
+
+``tables()`` evaluates a source at every t ∈ [0, T): that table is what the deployed graph gathers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ScaleGenerators", "ScaleTable", "fourier_features", "inverse_softplus"]
+
+
+def inverse_softplus(s: Tensor) -> Tensor:
+    """softplus⁻¹(s) = log(exp(s) − 1), computed stably (s > 0)."""
+    s = s.double().clamp_min(1e-12)
+    return torch.where(s > 20, s, torch.log(torch.expm1(s))).float()
+
+
+def fourier_features(t: Tensor, dim: int, t_max: float) -> Tensor:
+    """Geometric Fourier encoding [B, dim] of timesteps t [B]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(t_max) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float().reshape(-1, 1) * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ScaleGenerators(nn.Module):
+    """L TDQ step-size generators evaluated together (see module docstring)."""
+
+    def __init__(self, names: list[str], static_scales: Tensor, *, fourier_dim: int = 64, hidden: int = 64,
+                 t_max: float = 10000.0, num_train_timesteps: int = 1000, seed: int = 0):
+        super().__init__()
+        L = len(names)
+        if static_scales.shape != (L,):
+            raise ValueError(f"need one static scale per quantizer ({L}), got shape {tuple(static_scales.shape)}")
+        self.names = list(names)
+        self.fourier_dim, self.hidden, self.t_max = fourier_dim, hidden, float(t_max)
+        self.num_train_timesteps = num_train_timesteps
+        g = torch.Generator().manual_seed(seed)
+
+        def he(fan_in: int, *shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.randn(*shape, generator=g) * math.sqrt(2.0 / fan_in))
+
+        D, H = fourier_dim, hidden
+        self.w1, self.b1 = he(D, L, D, H), nn.Parameter(torch.zeros(L, H))
+        self.w2, self.b2 = he(H, L, H, H), nn.Parameter(torch.zeros(L, H))
+        self.w3, self.b3 = he(H, L, H, H), nn.Parameter(torch.zeros(L, H))
+        self.w4 = nn.Parameter(torch.zeros(L, H))
+        self.b4 = nn.Parameter(inverse_softplus(static_scales.detach()))
+
+    def forward(self, t: Tensor) -> Tensor:
+        enc = fourier_features(t, self.fourier_dim, self.t_max)  # [B, D]
+        h = F.relu(torch.einsum("bd,ldh->lbh", enc, self.w1) + self.b1[:, None])
+        h = F.relu(torch.einsum("lbh,lhk->lbk", h, self.w2) + self.b2[:, None])
+        h = F.relu(torch.einsum("lbh,lhk->lbk", h, self.w3) + self.b3[:, None])
+        return F.softplus(torch.einsum("lbh,lh->lb", h, self.w4) + self.b4[:, None])  # [L, B]
+
+    @torch.no_grad()
+    def tables(self) -> Tensor:
+        """[L, T]: every generator at every training timestep."""
+        return self(torch.arange(self.num_train_timesteps))
+
+    def extra_repr(self) -> str:
+        return f"quantizers={len(self.names)}, fourier_dim={self.fourier_dim}, hidden={self.hidden}, t_max={self.t_max:g}"
+
+
+class ScaleTable(nn.Module):
+    """A free step size per quantizer and training timestep (the no-generator baseline)."""
+
+    def __init__(self, names: list[str], static_scales: Tensor, *, num_train_timesteps: int = 1000):
+        super().__init__()
+        self.names = list(names)
+        self.num_train_timesteps = num_train_timesteps
+        self.theta = nn.Parameter(inverse_softplus(static_scales.detach())[:, None].repeat(1, num_train_timesteps))
+        self.register_buffer("visited", torch.zeros(num_train_timesteps, dtype=torch.bool))
+
+    def forward(self, t: Tensor) -> Tensor:
+        idx = t.long().reshape(-1)
+        if self.training:
+            self.visited[idx] = True
+        return F.softplus(self.theta[:, idx])  # [L, B]
+
+    @torch.no_grad()
+    def tables(self) -> Tensor:
+        """[L, T], unvisited timesteps linearly interpolated between visited ones (held at the ends)."""
+        s = F.softplus(self.theta)
+        seen = torch.nonzero(self.visited).reshape(-1)
+        if seen.numel() == 0:
+            return s
+        t = torch.arange(self.num_train_timesteps, dtype=torch.float32)
+        pos = torch.searchsorted(seen.float(), t).clamp(1, max(seen.numel() - 1, 1))
+        if seen.numel() == 1:
+            return s[:, seen].expand_as(s).clone()
+        lo, hi = seen[pos - 1], seen[pos]
+        w = ((t - lo.float()) / (hi - lo).float()).clamp(0, 1)
+        out = s[:, lo] * (1 - w) + s[:, hi] * w
+        out[:, seen] = s[:, seen]
+        return out
