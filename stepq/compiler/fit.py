@@ -71,6 +71,7 @@ class _LayerwiseLoss(torch.fx.Interpreter):
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
                 s_args = tuple(self.student.get(a, v) if isinstance(a, torch.fx.Node) else v
                                for a, v in zip(n.args, args))
+                assert callable(n.target)
                 y = n.target(*s_args, **kwargs)
                 ref = out.detach()
                 self.losses.append(((y - ref) ** 2).mean() / (ref.pow(2).mean() + 1e-12))

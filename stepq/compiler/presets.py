@@ -15,6 +15,7 @@ training with static steps and ``w4a4-tdq-qat`` LSQ with TDQ generators. Other m
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 from stepq.compiler.errors import RecipeError
 from stepq.compiler.specs import (
@@ -85,7 +86,8 @@ def _static_factory(w_bits: int, a_bits: int) -> Callable[[], Recipe]:
     return lambda: static_recipe(f"w{w_bits}a{a_bits}", w_bits, a_bits)
 
 
-def _tdq_factory(w_bits: int, a_bits: int, method: str = "mlp", qat: bool = False) -> Callable[[], Recipe]:
+def _tdq_factory(w_bits: int, a_bits: int, method: Literal["mlp", "table"] = "mlp",
+                 qat: bool = False) -> Callable[[], Recipe]:
     suffix = ("-tdq" if method == "mlp" else "-steptable") + ("-qat" if qat else "")
     return lambda: static_recipe(f"w{w_bits}a{a_bits}", w_bits, a_bits).replace(
         name=f"w{w_bits}a{a_bits}{suffix}", tdq=TDQConfig(method=method), qat=QATConfig() if qat else None)

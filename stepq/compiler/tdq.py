@@ -78,7 +78,7 @@ class ScaleGenerators(nn.Module):
     @torch.no_grad()
     def tables(self) -> Tensor:
         """[L, T]: every generator at every training timestep."""
-        return self(torch.arange(self.num_train_timesteps))
+        return self.forward(torch.arange(self.num_train_timesteps))
 
     def extra_repr(self) -> str:
         return f"quantizers={len(self.names)}, fourier_dim={self.fourier_dim}, hidden={self.hidden}, t_max={self.t_max:g}"
@@ -92,6 +92,7 @@ class ScaleTable(nn.Module):
         self.names = list(names)
         self.num_train_timesteps = num_train_timesteps
         self.theta = nn.Parameter(inverse_softplus(static_scales.detach())[:, None].repeat(1, num_train_timesteps))
+        self.visited: Tensor
         self.register_buffer("visited", torch.zeros(num_train_timesteps, dtype=torch.bool))
 
     def forward(self, t: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from stepq.compiler import meta, ops
 from stepq.compiler.graph_utils import arg_node, fetch_attr
 from stepq.compiler.pass_manager import PassResult
 from stepq.compiler.program import Program
+from stepq.compiler.tdq import ScaleGenerators, ScaleTable
 from stepq.passes.attach_timestep_tables import TimestepTable
 from stepq.passes.insert_scale_source import SCALE_SOURCE, scale_source_node
 
@@ -35,6 +36,7 @@ class FreezeScaleSource:
         if call is None:
             return PassResult(0)
         source = gm.get_submodule(SCALE_SOURCE)
+        assert isinstance(source, (ScaleGenerators, ScaleTable))
         tables = source.tables().detach().float()  # [L, T]
         store = prog.state.setdefault(meta.STATE_TIMESTEP_TABLES, {})
         count = 0
