@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ from stepq.compiler import meta
 from stepq.compiler.capture import capture
 from stepq.compiler.errors import CalibrationError, PreconditionError, RecipeError
 from stepq.compiler.fit import fit_scale_source
+from stepq.compiler.qat import train_qat
 from stepq.compiler.pass_manager import run_passes
 from stepq.compiler.pipeline import build_calibration_pipeline, build_convert_pipeline, build_pipeline
 from stepq.compiler.presets import get_preset
@@ -27,6 +28,8 @@ __all__ = ["STATE_FIT_CURVE", "calibrate", "convert", "prepare", "quantize", "re
 
 #: Program.state key: the loss curve of the TDQ / free-table fit.
 STATE_FIT_CURVE = "scale_fit_curve"
+#: Program.state key: the loss curve of quantization-aware training.
+STATE_QAT_CURVE = "qat_curve"
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +143,17 @@ def quantize(
     sample_arg: str | None = None,
     dynamic_batch: bool = True,
     timestep_scale: float = 1.0,
+    train_data: Iterator[tuple[Mapping[str, Any], torch.Tensor]] | None = None,
     progress: bool = True,
 ) -> QuantizedModel:
-    """capture → prepare → calibrate → convert in one call. The model is not modified."""
+    """capture → prepare → calibrate → (QAT) → convert in one call. The model is not modified.
+
+    QAT recipes (``recipe.qat``) also need ``train_data``: an endless iterator of (inputs, target ε),
+    e.g. ``stepq.compiler.qat.denoising_batches(x0, scheduler, make_inputs, batch_size=...)``.
+    """
     recipe = resolve_recipe(recipe)
+    if recipe.qat is not None and train_data is None:
+        raise RecipeError(f"recipe {recipe.name!r} trains (QAT); pass train_data=denoising_batches(...)")
     prog = capture(model, example_inputs, timestep_arg=timestep_arg, sample_arg=sample_arg,
                    dynamic_batch=dynamic_batch, timestep_scale=timestep_scale)
     prog = prepare(prog, recipe, inplace=True)
@@ -153,4 +163,8 @@ def quantize(
                                    "(calibration=stepq.calibration.collect(...) or a list of input dicts)")
         calibration = [example_inputs]
     calibrate(prog, calibration, progress=progress)
+    if recipe.qat is not None and train_data is not None:
+        cfg = recipe.qat
+        prog.state[STATE_QAT_CURVE] = train_qat(prog, train_data, steps=cfg.steps, lr=cfg.lr, scale_lr=cfg.scale_lr,
+                                                batch_size=cfg.batch_size, progress=progress)
     return convert(prog, inplace=True)

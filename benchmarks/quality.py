@@ -1,0 +1,238 @@
+"""Sample quality of quantized digits models: FD, class accuracy, PSNR vs FP, weight bytes.
+
+For each shipped digits model (DDPM UNet, class-conditional DiT) and each configuration (FP32,
+stepq recipes, ONNX Runtime's quantize_static, PT2E W8A8), draw N seeded samples with real diffusers
+schedulers and score them with the digit classifier (``stepq.metrics``):
+
+* FD: Fréchet distance between the samples and the held-out real digits in the classifier's
+  penultimate feature space (lower is better); the floor is FD(train, held-out);
+* class accuracy (DiT): the classifier's prediction equals the requested label;
+* PSNR vs FP: against the FP model's samples from the same initial and sampler noise.
+
+All configurations are calibrated on the same data: the inputs the FP model's denoiser sees along
+``--calib-samples`` DDIM trajectories of 50 steps (another seed than the evaluation).
+
+    python benchmarks/quality.py                          # the full table (both models, 1000 samples)
+    python benchmarks/quality.py --models ddpm --n 200 --configs fp32 "stepq w8a8"
+
+Writes docs/results/quality.md (and .json) and PNG grids of FP vs quantized samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import stepq
+from stepq import metrics, zoo
+from stepq.calibration import CalibrationData, collect
+from stepq.data import load_digits_images
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import OrtDenoiser, export_fp_onnx, ort_quantize_static, pt2e_w8a8  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+SAMPLERS: dict[str, tuple[str, int, float | None]] = {
+    # name: (scheduler kind, steps, eta)
+    "ddpm100": ("ddpm", 100, None),
+    "ddim20": ("ddim", 20, 0.0),
+    "ddim100": ("ddim", 100, 0.0),
+    "ddim50": ("ddim", 50, 0.0),
+    "ddim10": ("ddim", 10, 0.0),
+}
+
+
+@dataclass
+class Context:
+    name: str
+    model: torch.nn.Module
+    entry: zoo.ZooEntry
+    calibration: CalibrationData
+    example: dict[str, Any]
+    workdir: Path
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+Row = Callable[[Context], tuple[Callable[..., Any], int]]
+
+
+def _fp(ctx: Context) -> tuple[Callable[..., Any], int]:
+    return ctx.model, sum(p.numel() * 4 for p in ctx.model.parameters())
+
+
+def stepq_row(recipe: str | stepq.Recipe) -> Row:
+    def build(ctx: Context) -> tuple[Callable[..., Any], int]:
+        qm = stepq.quantize(ctx.model, ctx.example, recipe, calibration=ctx.calibration, progress=False)
+        ctx.cache[f"qm:{qm.recipe.name}"] = qm
+        return qm, qm.weight_bytes()
+
+    return build
+
+
+def _fp_onnx(ctx: Context) -> Path:
+    if "fp_onnx" not in ctx.cache:
+        ctx.cache["fp_onnx"] = export_fp_onnx(ctx.model, ctx.example, ctx.workdir / f"{ctx.name}_fp.onnx")
+    return ctx.cache["fp_onnx"]
+
+
+def ort_row(method: str) -> Row:
+    def build(ctx: Context) -> tuple[Callable[..., Any], int]:
+        out = ort_quantize_static(_fp_onnx(ctx), ctx.workdir / f"{ctx.name}_ort_{method}.onnx", ctx.calibration,
+                                  method=method)
+        return OrtDenoiser(out), out.stat().st_size
+
+    return build
+
+
+def _pt2e(ctx: Context) -> tuple[Callable[..., Any], int]:
+    try:
+        gm = pt2e_w8a8(ctx.model, ctx.example, ctx.calibration, quantizer="x86")
+        which = "x86"
+    except Exception as e:
+        print(f"  PT2E X86InductorQuantizer failed on {ctx.name} ({type(e).__name__}: {str(e)[:80]}); "
+              "using the XNNPACK-style quantizer", flush=True)
+        gm = pt2e_w8a8(ctx.model, ctx.example, ctx.calibration, quantizer="xnnpack")
+        which = "xnnpack"
+    ctx.cache["pt2e_quantizer"] = which
+    tensors = {id(t): t for t in list(gm.state_dict().values()) + [v for v in vars(gm).values() if isinstance(v, torch.Tensor)]}
+    return gm, sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+ROWS: dict[str, Row] = {
+    "fp32": _fp,
+    "stepq w8a8": stepq_row("w8a8"),
+    "stepq w4a8": stepq_row("w4a8"),
+    "stepq w4a4": stepq_row("w4a4"),
+    "ORT quantize_static minmax": ort_row("minmax"),
+    "ORT quantize_static percentile": ort_row("percentile"),
+    "PT2E W8A8 (torchao)": _pt2e,
+}
+
+
+def calibration_for(name: str, model: torch.nn.Module, entry: zoo.ZooEntry, n: int, seed: int) -> CalibrationData:
+    return collect(model, entry.make_scheduler("ddim"), num_samples=n, num_inference_steps=50, seed=seed,
+                   sample_shape=entry.sample_shape, conditions=entry.conditions, uncond=entry.uncond,
+                   guidance_scale=entry.guidance_scale, eta=0.0, channels=entry.sample_shape[0], progress=False)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["ddpm", "dit"], choices=["ddpm", "dit"])
+    ap.add_argument("--configs", nargs="+", default=list(ROWS), help=f"rows to run; known: {list(ROWS)}")
+    ap.add_argument("--samplers", nargs="+", default=["ddpm100", "ddim20"], choices=list(SAMPLERS))
+    ap.add_argument("--n", type=int, default=1000, help="samples per row (>= 1000 for FD)")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="docs/results/quality")
+    ap.add_argument("--grids", default="docs/results/grids")
+    args = ap.parse_args(argv)
+    unknown = [c for c in args.configs if c not in ROWS]
+    if unknown:
+        ap.error(f"unknown configs {unknown}; known: {list(ROWS)}")
+
+    torch.manual_seed(args.seed)
+    classifier = zoo.load("digits-classifier")
+    train_x, _ = load_digits_images("train")
+    test_x, test_y = load_digits_images("test")
+    floor = metrics.fd(train_x, test_x, classifier)
+    noise = torch.rand((args.n, *test_x.shape[1:]), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    noise_fd = metrics.fd(noise, test_x, classifier)
+    print(f"FD floor (train vs held-out): {floor:.3f}; uniform noise vs held-out: {noise_fd:.1f}; "
+          f"classifier held-out accuracy {metrics.class_accuracy(test_x, test_y, classifier):.4f}", flush=True)
+    rows: list[dict[str, Any]] = []
+    grid_dir = Path(args.grids)
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for short in args.models:
+            name = f"digits-{short}"
+            model = zoo.load(name)
+            entry = zoo.entry(name)
+            t0 = time.perf_counter()
+            calib = calibration_for(name, model, entry, args.calib_samples, seed=args.seed + 12345)
+            example = calib[0]
+            print(f"{name}: {len(calib)} calibration batches ({calib.num_samples} denoiser inputs) in "
+                  f"{time.perf_counter() - t0:.1f}s", flush=True)
+            ctx = Context(name, model, entry, calib, example, Path(tmp))
+            fp_samples: dict[str, torch.Tensor] = {}
+            for config in args.configs:
+                t0 = time.perf_counter()
+                try:
+                    denoiser, nbytes = ROWS[config](ctx)
+                except Exception as e:
+                    print(f"  {config}: FAILED to build: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    rows.append({"model": short, "config": config, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                    continue
+                build_s = time.perf_counter() - t0
+                for sampler in args.samplers:
+                    kind, steps, eta = SAMPLERS[sampler]
+                    t1 = time.perf_counter()
+                    images, labels = zoo.generate(denoiser, entry, args.n, num_inference_steps=steps, scheduler=kind,
+                                                  seed=args.seed, eta=eta)
+                    if config == "fp32":
+                        fp_samples[sampler] = images
+                    row = {
+                        "model": short, "config": config, "sampler": sampler,
+                        "fd": metrics.fd(images, test_x, classifier),
+                        "accuracy": metrics.class_accuracy(images, labels, classifier) if labels is not None else None,
+                        "psnr_vs_fp": metrics.psnr(images, fp_samples[sampler]) if sampler in fp_samples else None,
+                        "weight_bytes": nbytes, "build_s": round(build_s, 1),
+                        "sample_s": round(time.perf_counter() - t1, 1),
+                    }
+                    rows.append(row)
+                    print(f"  {config:32s} {sampler:8s} FD {row['fd']:7.3f}  acc "
+                          f"{'-' if row['accuracy'] is None else format(row['accuracy'], '.3f')}  PSNR "
+                          f"{'-' if row['psnr_vs_fp'] is None else format(row['psnr_vs_fp'], '.2f')}  "
+                          f"{nbytes / 1e6:.2f} MB  ({row['sample_s']}s)", flush=True)
+                    safe = config.replace(" ", "_").replace("(", "").replace(")", "")
+                    metrics.save_grid(images[:100], grid_dir / f"{short}_{sampler}_{safe}.png", nrow=10)
+    write_results(rows, args, floor, noise_fd)
+    return rows
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return format(v, spec)
+
+
+def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, floor: float, noise_fd: float) -> None:
+    lines = [
+        "# Digits quality benchmark",
+        "",
+        f"N = {args.n} samples per row (seed {args.seed}); calibration: {args.calib_samples} DDIM-50 FP trajectories "
+        "(another seed). FD against the held-out real digits in the digit classifier's feature space.",
+        f"Floor: FD(real train, real held-out) = {floor:.3f}; uniform noise images: FD = {noise_fd:.1f}.",
+        "",
+        "| model | config | sampler | FD | class acc | PSNR vs FP (dB) | weight MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['config']} | - | failed: {r['error']} | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['config']} | {r['sampler']} | {_fmt(r['fd'], '.3f')} | "
+                     f"{_fmt(r['accuracy'], '.3f')} | {_fmt(r['psnr_vs_fp'], '.2f')} | "
+                     f"{r['weight_bytes'] / 1e6:.3f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"floor": floor, "noise_fd": noise_fd, "rows": rows}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
