@@ -119,7 +119,10 @@ def pt2e_w8a8(model: torch.nn.Module, example: Mapping[str, Any], calibration: I
 
         q = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     else:
-        from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+        from torchao.testing.pt2e._xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
 
         q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     dyn = {k: ({0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() >= 1 else None) for k, v in example.items()}

@@ -40,7 +40,7 @@ from stepq.calibration import CalibrationData, collect
 from stepq.data import load_digits_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import OrtDenoiser, export_fp_onnx, ort_quantize_static, pt2e_w8a8  # noqa: E402
+from peers import OrtDenoiser, export_fp_onnx, ort_quantize_static, pt2e_w8a8
 
 warnings.filterwarnings("ignore")
 

@@ -14,11 +14,11 @@ from stepq.compiler import meta
 from stepq.compiler.capture import capture
 from stepq.compiler.errors import CalibrationError, PreconditionError, RecipeError
 from stepq.compiler.fit import fit_scale_source
-from stepq.compiler.qat import train_qat
 from stepq.compiler.pass_manager import run_passes
 from stepq.compiler.pipeline import build_calibration_pipeline, build_convert_pipeline, build_pipeline
 from stepq.compiler.presets import get_preset
 from stepq.compiler.program import Program
+from stepq.compiler.qat import train_qat
 from stepq.compiler.quantized_model import STATE_REPORT, QuantizedModel
 from stepq.compiler.report import layer_reports
 from stepq.compiler.specs import Recipe
