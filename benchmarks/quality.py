@@ -72,9 +72,24 @@ def _fp(ctx: Context) -> tuple[Callable[..., Any], int]:
     return ctx.model, sum(p.numel() * 4 for p in ctx.model.parameters())
 
 
+def train_batches(ctx: Context, batch_size: int, seed: int = 0):
+    """Denoising-loss batches from the real digits training set (for QAT recipes)."""
+    from stepq.compiler.qat import denoising_batches
+    from stepq.samplers import default_make_inputs
+
+    x0, y = load_digits_images("train")
+    cond = {"class_labels": y} if ctx.entry.conditions is not None else None
+    drop = ("class_labels", ctx.entry.null_class, 0.1) if cond else None
+    return denoising_batches(x0, ctx.entry.scheduler, default_make_inputs(ctx.model), batch_size=batch_size,
+                             cond=cond, cond_dropout=drop, seed=seed)
+
+
 def stepq_row(recipe: str | stepq.Recipe) -> Row:
     def build(ctx: Context) -> tuple[Callable[..., Any], int]:
-        qm = stepq.quantize(ctx.model, ctx.example, recipe, calibration=ctx.calibration, progress=False)
+        r = stepq.compiler.api.resolve_recipe(recipe)
+        train = train_batches(ctx, r.qat.batch_size, r.qat.seed) if r.qat is not None else None
+        qm = stepq.quantize(ctx.model, ctx.example, r, calibration=ctx.calibration, train_data=train,
+                            progress=False)
         ctx.cache[f"qm:{qm.recipe.name}"] = qm
         return qm, qm.weight_bytes()
 
@@ -138,9 +153,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--out", default="docs/results/quality")
     ap.add_argument("--grids", default="docs/results/grids")
     args = ap.parse_args(argv)
+    for c in args.configs:  # "stepq <preset>" works for every preset
+        if c not in ROWS and c.startswith("stepq ") and c.removeprefix("stepq ") in stepq.preset_names():
+            ROWS[c] = stepq_row(c.removeprefix("stepq "))
     unknown = [c for c in args.configs if c not in ROWS]
     if unknown:
-        ap.error(f"unknown configs {unknown}; known: {list(ROWS)}")
+        ap.error(f"unknown configs {unknown}; known: {list(ROWS)} and 'stepq <preset>' for {stepq.preset_names()}")
 
     torch.manual_seed(args.seed)
     classifier = zoo.load("digits-classifier")
