@@ -112,7 +112,7 @@ def calibrate(prog: Program, data: Iterable[Any], *, max_batches: int | None = N
     if fit_tdq:
         cfg = recipe.tdq
         prog.state[STATE_FIT_CURVE] = fit_scale_source(
-            prog, kept, steps=cfg.fit_steps, lr=cfg.fit_lr, batch=cfg.fit_batch, seed=cfg.seed,
+            prog, kept, steps=cfg.fit_steps, lr=cfg.fit_lr, batch=cfg.fit_batch, rows=cfg.fit_rows, seed=cfg.seed,
             time_budget_s=cfg.time_budget_s, progress=progress)
     prog.advance("calibrated")
     return prog
@@ -144,12 +144,17 @@ def quantize(
     dynamic_batch: bool = True,
     timestep_scale: float = 1.0,
     train_data: Iterator[tuple[Mapping[str, Any], torch.Tensor]] | None = None,
+    ptqd_data: Iterable[Any] | None = None,
+    ptqd_scheduler: Any = None,
     progress: bool = True,
 ) -> QuantizedModel:
-    """capture → prepare → calibrate → (QAT) → convert in one call. The model is not modified.
+    """capture → prepare → calibrate → (QAT) → convert → (PTQD) in one call. The model is not modified.
 
     QAT recipes (``recipe.qat``) also need ``train_data``: an endless iterator of (inputs, target ε),
     e.g. ``stepq.compiler.qat.denoising_batches(x0, scheduler, make_inputs, batch_size=...)``.
+    PTQD recipes (``recipe.ptqd``) measure their statistics with ``stepq.ptqd.apply`` on ``ptqd_data``
+    (default: the calibration data, which must then be re-iterable) against ``model``;
+    ``ptqd_scheduler`` gives SNR^F for mixed precision (default: DDPM's linear schedule).
     """
     recipe = resolve_recipe(recipe)
     if recipe.qat is not None and train_data is None:
@@ -167,4 +172,9 @@ def quantize(
         cfg = recipe.qat
         prog.state[STATE_QAT_CURVE] = train_qat(prog, train_data, steps=cfg.steps, lr=cfg.lr, scale_lr=cfg.scale_lr,
                                                 batch_size=cfg.batch_size, progress=progress)
-    return convert(prog, inplace=True)
+    qm = convert(prog, inplace=True)
+    if recipe.ptqd is not None:
+        from stepq.ptqd import apply as ptqd_apply
+
+        qm = ptqd_apply(qm, model, ptqd_data if ptqd_data is not None else calibration, scheduler=ptqd_scheduler)
+    return qm

@@ -78,13 +78,24 @@ class _LayerwiseLoss(torch.fx.Interpreter):
         return out
 
 
+def _rows(item: Mapping[str, Any], batch_key: str, rows: int, rng: random.Random) -> dict[str, Any]:
+    """``rows`` random samples of one calibration item (tensors sliced along the batch)."""
+    b = item[batch_key].shape[0]
+    if rows >= b:
+        return dict(item)
+    idx = torch.tensor(sorted(rng.sample(range(b), rows)))
+    return {k: v[idx] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b else v
+            for k, v in item.items()}
+
+
 @torch.enable_grad()
-def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps: int, lr: float, batch: int = 4,
-                     seed: int = 0, time_budget_s: float | None = None, progress: bool = True) -> list[float]:
+def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps: int, lr: float, batch: int = 8,
+                     rows: int = 4, seed: int = 0, time_budget_s: float | None = None,
+                     progress: bool = True) -> list[float]:
     """Fit ``prog``'s activation scale source by layer-wise reconstruction; returns the loss curve.
 
-    Each step draws ``batch`` calibration items (each one step of a trajectory batch) at random, so
-    one mini-batch spans several timesteps.
+    Each step draws ``batch`` calibration items (each one step of a trajectory batch) at random and
+    ``rows`` samples of each, so one mini-batch of ``batch·rows`` samples spans ``batch`` timesteps.
     """
     gm = prog.gm
     if not hasattr(gm, SCALE_SOURCE):
@@ -94,6 +105,7 @@ def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps:
         raise CalibrationError("fit_scale_source: no calibration data")
     source = gm.get_submodule(SCALE_SOURCE)
     batch_key = prog.sample_arg or prog.timestep_arg
+    bound = [prog.bind((), c) for c in items]
     params = [p for p in source.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -104,8 +116,8 @@ def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps:
     source.train()
     bar = tqdm(range(steps), desc="fit scales", disable=not progress, leave=False)
     for step in bar:
-        chosen = [items[rng.randrange(len(items))] for _ in range(batch)]
-        flat = prog.flat_inputs((), merge_batches([prog.bind((), c) for c in chosen], batch_key))
+        chosen = [_rows(bound[rng.randrange(len(bound))], batch_key, rows, rng) for _ in range(batch)]
+        flat = prog.flat_inputs((), merge_batches(chosen, batch_key))
         interp = _LayerwiseLoss(gm)
         interp.run(*flat)
         if not interp.losses:

@@ -132,19 +132,22 @@ def _fake_quant_setup(ctx, inputs, output):
 def _fake_quant_backward(ctx, grad):
     x, scale, zero_point = ctx.saved_tensors
     quant_min, quant_max, axis, group_size = ctx.grid
+    need_x, need_s, need_z = ctx.needs_input_grad[:3]
     s = expand_qparam(scale, x.shape, axis, group_size).to(x.dtype)
     z = torch.round(expand_qparam(zero_point, x.shape, axis, group_size)).to(x.dtype)
     v = x / s
-    q = torch.round(v) + z
+    r = torch.round(v)
+    q = r + z
     below, above = q < quant_min, q > quant_max
-    inside = ~(below | above)
-    grad_x = grad * inside
-    grad_s = grad_z = None
-    if ctx.needs_input_grad[1]:
-        level = torch.where(below, quant_min - z, torch.where(above, quant_max - z, torch.round(v) - v))
+    outside = below | above
+    grad_x = grad_s = grad_z = None
+    if need_x:
+        grad_x = grad.masked_fill(outside, 0.0)
+    if need_s:
+        level = torch.where(below, quant_min - z, torch.where(above, quant_max - z, r - v))
         grad_s = _reduce_to(grad * level, scale, axis, group_size).to(scale.dtype)
-    if ctx.needs_input_grad[2]:
-        grad_z = _reduce_to(grad * (~inside) * (-s), zero_point, axis, group_size).to(zero_point.dtype)
+    if need_z:
+        grad_z = _reduce_to((grad * -s).masked_fill(~outside, 0.0), zero_point, axis, group_size).to(zero_point.dtype)
     return grad_x, grad_s, grad_z, None, None, None, None
 
 

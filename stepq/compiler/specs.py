@@ -27,6 +27,7 @@ __all__ = [
     "LayerSpec",
     "MSEObserver",
     "MinMaxObserver",
+    "PTQDConfig",
     "PerChannel",
     "PerGroup",
     "PerTensor",
@@ -312,7 +313,9 @@ class TDQConfig:
     periods up to ``t_max``). ``method="table"``: the baseline without a generator, one free step size
     per training timestep (unvisited timesteps interpolated). Both start from the calibrated static
     step and are frozen into a length-T table at convert time. In PTQ (no ``Recipe.qat``) they are fit
-    after calibration by layer-wise output reconstruction for ``fit_steps`` Adam steps.
+    after calibration by layer-wise output reconstruction for ``fit_steps`` Adam steps; a step takes
+    ``fit_rows`` random samples from each of ``fit_batch`` random calibration batches (so one step
+    sees ``fit_batch`` timesteps).
     """
 
     method: Literal["mlp", "table"] = "mlp"
@@ -321,7 +324,8 @@ class TDQConfig:
     t_max: float = 10000.0
     fit_steps: int = 300
     fit_lr: float = 5e-3
-    fit_batch: int = 4
+    fit_batch: int = 8
+    fit_rows: int = 4
     time_budget_s: float | None = None
     seed: int = 0
 
@@ -334,6 +338,7 @@ class TDQConfig:
         _check(self.fit_steps >= 0, f"TDQConfig.fit_steps must be >= 0, got {self.fit_steps}")
         _check(self.fit_lr > 0, f"TDQConfig.fit_lr must be > 0, got {self.fit_lr}")
         _check(self.fit_batch >= 1, f"TDQConfig.fit_batch must be >= 1, got {self.fit_batch}")
+        _check(self.fit_rows >= 1, f"TDQConfig.fit_rows must be >= 1, got {self.fit_rows}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -375,6 +380,57 @@ class QATConfig:
 
 
 @dataclass(frozen=True)
+class PTQDConfig:
+    """PTQD (He et al., NeurIPS 2023): quantization-noise correction and step-aware mixed precision.
+
+    The quantized prediction is modelled as ε̂ = (1 + k_t)·ε + b_t + r_t. ``correlated`` divides the
+    output by (1 + k_t), ``bias`` subtracts b_t first, ``variance`` lets ``PTQDScheduler`` absorb the
+    residual's variance σ_q(t)² into the sampler noise. ``mixed_bits`` (e.g. (4, 8)) switches the
+    activation bit-width per timestep: the smallest width whose SNR^Q(t) exceeds SNR^F(t); empty =
+    no mixed precision. The statistics are measured on the guidance-combined prediction at
+    ``guidance_scale`` (the scale the measuring data was recorded with); ``normality_samples`` caps
+    the residual elements per timestep kept for the normality test.
+    """
+
+    correlated: bool = True
+    bias: bool = True
+    variance: bool = True
+    mixed_bits: tuple[int, ...] = ()
+    guidance_scale: float = 1.0
+    normality_samples: int = 20000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mixed_bits", tuple(self.mixed_bits))
+        bits = self.mixed_bits
+        _check(all(isinstance(b, int) and 2 <= b <= 8 for b in bits),
+               f"PTQDConfig.mixed_bits must be integers in [2, 8], got {bits!r}")
+        _check(not bits or (len(bits) >= 2 and list(bits) == sorted(set(bits))),
+               f"PTQDConfig.mixed_bits must be empty or at least two distinct widths in ascending order, got {bits!r}")
+        _check(self.guidance_scale > 0, f"PTQDConfig.guidance_scale must be > 0, got {self.guidance_scale}")
+        _check(self.normality_samples >= 8,
+               f"PTQDConfig.normality_samples must be >= 8 (scipy's normaltest needs 8), got {self.normality_samples}")
+
+    def replace(self, **changes: Any) -> PTQDConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mixed_bits"] = list(self.mixed_bits)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> PTQDConfig | None:
+        if d is None:
+            return None
+        _no_unknown(d, {f.name for f in dataclasses.fields(cls)}, "PTQDConfig")
+        d = dict(d)
+        if "mixed_bits" in d:
+            d["mixed_bits"] = tuple(d["mixed_bits"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class Recipe:
     """An ordered rule list, a default, and the settings the method passes read.
 
@@ -390,12 +446,15 @@ class Recipe:
     timestep_policy: TimestepPolicy = "error"
     tdq: TDQConfig | None = None
     qat: QATConfig | None = None
+    ptqd: PTQDConfig | None = None
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
         _check(self.tdq is None or isinstance(self.tdq, TDQConfig), f"Recipe.tdq must be a TDQConfig or None, got {self.tdq!r}")
         _check(self.qat is None or isinstance(self.qat, QATConfig), f"Recipe.qat must be a QATConfig or None, got {self.qat!r}")
+        _check(self.ptqd is None or isinstance(self.ptqd, PTQDConfig),
+               f"Recipe.ptqd must be a PTQDConfig or None, got {self.ptqd!r}")
         _check(isinstance(self.name, str) and bool(self.name), "Recipe.name must be a non-empty string")
         for i, r in enumerate(self.rules):
             _check(isinstance(r, LayerRule), f"Recipe.rules[{i}] must be a LayerRule, got {type(r).__name__}")
@@ -434,13 +493,15 @@ class Recipe:
             "default": None if self.default is None else self.default.to_dict(),
             "tdq": None if self.tdq is None else self.tdq.to_dict(),
             "qat": None if self.qat is None else self.qat.to_dict(),
+            "ptqd": None if self.ptqd is None else self.ptqd.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
         if not isinstance(d, Mapping):
             raise RecipeError(f"a recipe must be a mapping, got {type(d).__name__}")
-        _no_unknown(d, {"version", "name", "num_train_timesteps", "timestep_policy", "rules", "default", "tdq", "qat"},
+        _no_unknown(d, {"version", "name", "num_train_timesteps", "timestep_policy", "rules", "default", "tdq", "qat",
+                          "ptqd"},
                     "Recipe")
         version = d.get("version", RECIPE_VERSION)
         if version != RECIPE_VERSION:
@@ -453,5 +514,6 @@ class Recipe:
             timestep_policy=d.get("timestep_policy", "error"),
             tdq=TDQConfig.from_dict(d.get("tdq")),
             qat=QATConfig.from_dict(d.get("qat")),
+            ptqd=PTQDConfig.from_dict(d.get("ptqd")),
             version=version,
         )
