@@ -11,7 +11,7 @@ over all of them.
 from __future__ import annotations
 
 import argparse
-import copy
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +24,9 @@ from stepq.compiler.report import sqnr_db
 from stepq.samplers import model_output
 from stepq.testing.families import FAMILIES
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import pt2e_w8a8  # noqa: E402
+
 warnings.filterwarnings("ignore")
 
 
@@ -31,31 +34,6 @@ def _sqnr(fp, q, data) -> float:
     ref = torch.cat([model_output(fp(**d)).flatten() for d in data])
     out = torch.cat([model_output(q(**d)).flatten() for d in data])
     return sqnr_db(ref, out)
-
-
-def _pt2e(model, example, data, quantizer_name):
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    if quantizer_name == "x86":
-        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-            X86InductorQuantizer,
-            get_default_x86_inductor_quantization_config,
-        )
-
-        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    else:
-        from torchao.testing.pt2e._xnnpack_quantizer import (
-            XNNPACKQuantizer,
-            get_symmetric_quantization_config,
-        )
-
-        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    gm = torch.export.export(copy.deepcopy(model), (), example, strict=False).module()
-    gm = prepare_pt2e(gm, quantizer)
-    with torch.no_grad():
-        for d in data:
-            gm(**d)
-    return convert_pt2e(gm)
 
 
 def main() -> None:
@@ -78,7 +56,7 @@ def main() -> None:
             row[f"t {recipe}"] = time.perf_counter() - t0
         for q in ("x86", "xnnpack"):
             try:
-                qg = _pt2e(m, calib[0], calib, q)
+                qg = pt2e_w8a8(m, calib[0], calib, quantizer=q)
                 row[f"PT2E {q} w8a8"] = f"{_sqnr(m, qg, evals):.1f}"
             except Exception as e:  # report the peer's failure, do not hide it
                 row[f"PT2E {q} w8a8"] = f"FAIL ({type(e).__name__}: {str(e).splitlines()[0][:60]})"
