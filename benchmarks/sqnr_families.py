@@ -25,7 +25,7 @@ from stepq.samplers import model_output
 from stepq.testing.families import FAMILIES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import pt2e_w8a8  # noqa: E402
+from peers import pt2e_w8a8
 
 warnings.filterwarnings("ignore")
 
