@@ -14,14 +14,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACT_QUANTIZER",
+    "BACKEND_TAG",
     "LAYER",
     "LAYER_SPEC",
     "OP_KIND",
+    "PTQD_NODE",
     "QSPEC",
     "QUANTIZER_ROLE",
     "ROLES",
     "RULE",
     "STATE_ACT_STATS",
+    "STATE_PTQD",
+    "STATE_PTQD_BITS",
     "STATE_REPORT_BATCH",
     "STATE_TIMESTEP_TABLES",
     "STEPQ_INSERTED",
@@ -56,6 +60,14 @@ STATE_TIMESTEP_TABLES = "timestep_tables"
 STATE_REPORT_BATCH = "report_batch"
 #: set on every node a stepq pass created.
 STEPQ_INSERTED = "stepq.inserted"
+#: on nodes the PTQD passes created: "correct_noise" (output correction) or "select_bits" (bit switch).
+PTQD_NODE = "stepq.ptqd"
+#: Program.state key: PTQD's noise statistics (``stepq.ptqd.PTQDStats``) read by correct_noise.
+STATE_PTQD = "ptqd"
+#: Program.state key: PTQD's step-aware mixed precision (``stepq.ptqd.MixedPrecision``) read by select_bits.
+STATE_PTQD_BITS = "ptqd_bits"
+#: set by a backend's partitioner (on its own copy of the graph): "<backend>:<placement>".
+BACKEND_TAG = "stepq.backend_tag"
 
 
 def get_layer_spec(node: torch.fx.Node) -> LayerSpec | None:

@@ -1,0 +1,324 @@
+"""The ONNX backend's placement table and partitioner.
+
+A row is a pattern of the converted graph and what it becomes in ONNX Runtime (rows are tried in
+order; the first that takes a node tags it):
+
+| placement | pattern (FX, converted graph) | ONNX | ORT kernel |
+|---|---|---|---|
+| linear_integer | linear(fake_quant(x), dequantize(W int ≤8 bit, per channel / tensor), b) | QuantizeLinear → com.microsoft.MatMulIntegerToFloat(+bias) | MatMulIntegerToFloat (u8×s8) |
+| conv2d_integer | conv2d(fake_quant(x), dequantize(W …), b), groups 1 | QuantizeLinear → NHWC im2col (u8) → MatMulIntegerToFloat → Transpose | MatMulIntegerToFloat |
+| linear_weight_only | linear(x float, dequantize(W 2/4/8 bit signed symmetric, per channel or group 2^k ≥ 16), b) | com.microsoft.MatMulNBits (accuracy_level 0) | MatMulNBits |
+| activation_quantize | fake_quant whose every consumer is an integer placement | QuantizeLinear (+Clip below 8 bits) | QuantizeLinear |
+| activation_qdq | any other fake_quant | QuantizeLinear → DequantizeLinear | float consumer |
+| weight_integer | dequantize whose every consumer is an integer placement | the integer initializer (INT4 + Cast at 4 bits) | – |
+| weight_dequantize | any other dequantize | DequantizeLinear from an INT8 / INT4 initializer | float consumer |
+| weight_unpack | unpack feeding a dequantize | folded into the initializer | – |
+| timestep_index | timestep_index(t, T, scale) | Cast · scale → Round → Cast → Clip[0, T−1] | – |
+| timestep_gather | index(table, [i]) of a timestep table | Gather(table, i[0]) (batch shares the first timestep) | – |
+
+A linear or conv2d that reads a quantized weight and that no integer row takes is left as it is
+(its operands still lower to Q/DQ, so it runs as a float kernel) and is reported with the reasons
+(a ``Rejection``); ``strict=True`` raises instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.fx
+
+from stepq.backends.base import Partitioner, Placement
+from stepq.compiler import ops
+from stepq.compiler.graph_utils import fetch_attr
+
+__all__ = ["TABLE", "ActQuant", "OnnxPartitioner", "WeightQuant", "act_quant", "nbits_block_size", "weight_quant"]
+
+aten = torch.ops.aten
+BACKEND = "onnx"
+LINEAR = aten.linear.default
+CONV2D = aten.conv2d.default
+INDEX = aten.index.Tensor
+SELECT = aten.select.int
+
+
+def _attr(node: object) -> torch.Tensor | None:
+    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
+        gm = node.graph.owning_module
+        if gm is None:
+            return None
+        t = fetch_attr(gm, node.target)
+        return t if isinstance(t, torch.Tensor) else None
+    return None
+
+
+def _val(node: object) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def timestep_table_index(node: object) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(table get_attr, timestep_index node) if ``node`` is ``index(table, [i])`` of a timestep table."""
+    if not (isinstance(node, torch.fx.Node) and node.target is INDEX):
+        return None
+    table, indices = node.args[0], node.args[1]
+    if _attr(table) is None or not isinstance(indices, (list, tuple)) or len(indices) != 1:
+        return None
+    i = indices[0]
+    if isinstance(i, torch.fx.Node) and i.target is SELECT and i.args[1:] == (0, 0):
+        i = i.args[0]
+    if isinstance(i, torch.fx.Node) and i.target is ops.TIMESTEP_INDEX:
+        assert isinstance(table, torch.fx.Node)
+        return table, i
+    return None
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """An activation fake_quant as the lowering needs it."""
+
+    node: torch.fx.Node
+    x: torch.fx.Node
+    source: str  # "static" | "table" | "computed"
+    quant_min: int
+    quant_max: int
+    axis: int | None
+    group_size: int
+
+
+def act_quant(node: object) -> ActQuant | str:
+    """The activation quantizer ``node`` is, or why it is not one an integer kernel can take."""
+    if not (isinstance(node, torch.fx.Node) and node.target is ops.FAKE_QUANT):
+        return "the activation is not quantized (no fake_quant)"
+    x, s, z = node.args[:3]
+    qmin, qmax, group = (int(cast(int, a)) for a in (node.args[3], node.args[4], node.args[6]))
+    axis = cast("int | None", node.args[5])
+    assert isinstance(x, torch.fx.Node)
+    if group:
+        return "the activation is quantized per group; integer kernels need one scale per tensor"
+    st, zt = timestep_table_index(s), timestep_table_index(z)
+    if st is not None and zt is not None:
+        if axis not in (None, 0):
+            return f"a timestep-table quantizer on axis {axis}"
+        return ActQuant(node, x, "table", qmin, qmax, axis, 0)
+    sa, za = _attr(s), _attr(z)
+    if sa is not None and za is not None:
+        if sa.numel() != 1 or za.numel() != 1:
+            return "the activation is quantized per channel; integer kernels need one scale per tensor"
+        return ActQuant(node, x, "static", qmin, qmax, None, 0)
+    sv = _val(s)
+    if axis is None and sv is not None and sv.numel() == 1:
+        return ActQuant(node, x, "computed", qmin, qmax, None, 0)
+    return "the scale is computed in the graph and is not one value per tensor"
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """A dequantized integer weight: ``dequantize([unpack](W), s, z, axis, group)``."""
+
+    node: torch.fx.Node
+    q: torch.Tensor  # the integer values, unpacked (int8 or uint8), the weight's shape
+    packed: torch.Tensor | None  # packed storage below 8 bits
+    bits: int
+    signed: bool
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    axis: int | None
+    group_size: int
+
+    @property
+    def symmetric(self) -> bool:
+        return not bool(self.zero_point.any())
+
+
+def weight_quant(node: object) -> WeightQuant | str:
+    if not (isinstance(node, torch.fx.Node) and node.target is ops.DEQUANTIZE):
+        return "the weight is not an integer tensor (no dequantize)"
+    src, s, z = node.args[:3]
+    axis, group = cast("int | None", node.args[3]), int(cast(int, node.args[4]))
+    scale, zp = _attr(s), _attr(z)
+    if scale is None or zp is None:
+        return "the weight's scale is not a constant"
+    packed = None
+    if isinstance(src, torch.fx.Node) and src.target is ops.UNPACK:
+        p_node = src.args[0]
+        bits, signed = int(cast(int, src.args[1])), bool(src.args[2])
+        shape = [int(d) for d in cast("list[int]", src.args[3])]
+        packed = _attr(p_node)
+        if packed is None:
+            return "the packed weight is not a constant"
+        q = ops.unpack(packed, bits, signed, shape)
+    else:
+        q_attr = _attr(src)
+        if q_attr is None or q_attr.dtype not in (torch.int8, torch.uint8):
+            return "the weight is not a constant int8/uint8 tensor"
+        q, bits, signed = q_attr, 8, q_attr.dtype == torch.int8
+    return WeightQuant(node, q, packed, bits, signed, scale, zp, axis, group)
+
+
+def _per_output_channel(w: WeightQuant) -> str | None:
+    if w.group_size:
+        return f"the weight is quantized in groups of {w.group_size}; MatMulIntegerToFloat takes one scale per output channel"
+    if w.axis not in (None, 0):
+        return f"the weight's scale is along axis {w.axis}, not the output channels"
+    return None
+
+
+def _integer_operands(node: torch.fx.Node) -> tuple[ActQuant, WeightQuant] | str:
+    a = act_quant(node.args[0])
+    if isinstance(a, str):
+        return a
+    w = weight_quant(node.args[1])
+    if isinstance(w, str):
+        return w
+    why = _per_output_channel(w)
+    if why:
+        return why
+    if (a.quant_min < 0 and a.quant_max > 127) or a.quant_max > 255:
+        return f"activation grid [{a.quant_min}, {a.quant_max}] does not fit an 8-bit integer"
+    return a, w
+
+
+def match_linear_integer(node: torch.fx.Node) -> str | None:
+    ops_ = _integer_operands(node)
+    if isinstance(ops_, str):
+        return ops_
+    xv = _val(node.args[0])
+    if xv is not None and xv.dim() < 2:
+        return "a 1-D input"
+    return None
+
+
+def conv_args(node: torch.fx.Node) -> tuple[list[int], list[int], list[int], int]:
+    """(stride, padding, dilation, groups) of an aten.conv2d node, each spatial list of length 2."""
+    defaults = (None, None, None, [1, 1], [0, 0], [1, 1], 1)
+    args = list(node.args) + list(defaults[len(node.args):])
+    for k, i in (("stride", 3), ("padding", 4), ("dilation", 5), ("groups", 6)):
+        if k in node.kwargs:
+            args[i] = node.kwargs[k]
+
+    def pair(v: Any) -> list[int]:
+        v = list(v) if isinstance(v, (list, tuple)) else [v]
+        return [int(v[0]), int(v[0])] if len(v) == 1 else [int(v[0]), int(v[1])]
+
+    return pair(args[3]), pair(args[4]), pair(args[5]), int(cast(int, args[6]))
+
+
+def match_conv2d_integer(node: torch.fx.Node) -> str | None:
+    ops_ = _integer_operands(node)
+    if isinstance(ops_, str):
+        return ops_
+    _, _, _, groups = conv_args(node)
+    if groups != 1:
+        return f"a grouped convolution (groups={groups})"
+    xv, yv = _val(node.args[0]), _val(node)
+    if xv is None or yv is None or xv.dim() != 4:
+        return "the input is not a known 4-D tensor"
+    if not all(isinstance(d, int) for d in (*xv.shape[2:], *yv.shape[2:])):
+        return "the spatial size is not static"
+    return None
+
+
+def nbits_block_size(w: WeightQuant) -> int | str:
+    """MatMulNBits' block size for a weight, or why it has none."""
+    k = w.q.shape[1]
+    if w.group_size:
+        g = w.group_size
+        if w.axis != 1:
+            return f"groups along axis {w.axis}, MatMulNBits blocks run along K (axis 1)"
+        if g < 16 or g & (g - 1):
+            return f"group size {g} is not a power of two ≥ 16"
+        return g
+    if w.axis not in (None, 0):
+        return f"the weight's scale is along axis {w.axis}"
+    return min(128, max(16, 1 << math.ceil(math.log2(max(k, 1)))))
+
+
+def match_linear_weight_only(node: torch.fx.Node) -> str | None:
+    if not isinstance(act_quant(node.args[0]), str):
+        return "the activation is quantized (an integer placement applies)"
+    w = weight_quant(node.args[1])
+    if isinstance(w, str):
+        return w
+    if w.bits not in (2, 4, 8):
+        return f"{w.bits}-bit weights (MatMulNBits takes 2, 4 or 8)"
+    if not w.signed or not w.symmetric:
+        return "asymmetric or unsigned weights"
+    bs = nbits_block_size(w)
+    return bs if isinstance(bs, str) else None
+
+
+_INTEGER_ROWS = {LINEAR: (match_linear_integer, match_linear_weight_only), CONV2D: (match_conv2d_integer,)}
+
+
+def takes_integer(node: torch.fx.Node) -> bool:
+    return any(m(node) is None for m in _INTEGER_ROWS.get(node.target, ()))  # type: ignore[call-overload]
+
+
+def _all_users_integer(node: torch.fx.Node) -> str | None:
+    if not node.users:
+        return "unused"
+    for u in node.users:
+        if u.target is ops.DEQUANTIZE and u.args[0] is node:  # unpack → dequantize
+            why = _all_users_integer(u)
+            if why:
+                return why
+            continue
+        if not takes_integer(u):
+            return f"{u.name} is not an integer placement"
+    return None
+
+
+def _always(node: torch.fx.Node) -> str | None:
+    return None
+
+
+def _is_table_gather(node: torch.fx.Node) -> str | None:
+    return None if timestep_table_index(node) is not None else "not a timestep-table lookup"
+
+
+def _unpack_feeds_dequantize(node: torch.fx.Node) -> str | None:
+    if all(u.target is ops.DEQUANTIZE for u in node.users):
+        return None
+    return "unpacked integers used by something else than dequantize"
+
+
+TABLE = (
+    Placement("linear_integer", frozenset({LINEAR}), match_linear_integer, "com.microsoft.MatMulIntegerToFloat",
+              integer=True, description="quantized activation × int8 weight, float output with bias"),
+    Placement("conv2d_integer", frozenset({CONV2D}), match_conv2d_integer,
+              "NHWC im2col + com.microsoft.MatMulIntegerToFloat", integer=True,
+              description="quantized activation × int8 weight, exact integer accumulation"),
+    Placement("linear_weight_only", frozenset({LINEAR}), match_linear_weight_only, "com.microsoft.MatMulNBits",
+              integer=True, description="float activation × 2/4/8-bit weight, float32 compute"),
+    Placement("activation_quantize", frozenset({ops.FAKE_QUANT}), _all_users_integer, "QuantizeLinear",
+              integer=True, description="the activation quantizer of integer kernels"),
+    Placement("activation_qdq", frozenset({ops.FAKE_QUANT}), _always, "QuantizeLinear → DequantizeLinear",
+              integer=False, description="a quantizer whose consumer runs in float"),
+    Placement("weight_integer", frozenset({ops.DEQUANTIZE}), _all_users_integer, "integer initializer",
+              integer=True, description="integer weight read by an integer kernel"),
+    Placement("weight_dequantize", frozenset({ops.DEQUANTIZE}), _always, "DequantizeLinear(INT8/INT4 initializer)",
+              integer=False, description="integer weight read by a float kernel"),
+    Placement("weight_unpack", frozenset({ops.UNPACK}), _unpack_feeds_dequantize, "folded into the initializer",
+              integer=False),
+    Placement("timestep_index", frozenset({ops.TIMESTEP_INDEX}), _always, "Cast·scale → Round → Cast → Clip",
+              integer=False, description="ONNX cannot raise: out-of-range timesteps clamp"),
+    Placement("timestep_gather", frozenset({INDEX}), _is_table_gather, "Gather(table, first timestep)",
+              integer=False, description="one activation scale per tensor: a batch shares its first timestep"),
+)
+
+
+class OnnxPartitioner(Partitioner):
+    """Tags a converted graph for ONNX; a quantized linear/conv2d no integer row takes is rejected."""
+
+    def __init__(self) -> None:
+        super().__init__(BACKEND, TABLE)
+
+    def must_take(self, node: torch.fx.Node) -> bool:
+        if node.target in (LINEAR, CONV2D):
+            return isinstance(node.args[1], torch.fx.Node) and node.args[1].target is ops.DEQUANTIZE
+        if node.target is INDEX:
+            return False  # an ordinary index: the exporter's own translation takes it
+        return True
