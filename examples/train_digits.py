@@ -58,7 +58,7 @@ ARCH: dict[str, tuple[str, dict[str, Any]]] = {
 SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
              "prediction_type": "epsilon", "variance_type": "fixed_small", "clip_sample": True,
              "clip_sample_range": 1.0}
-DEFAULT_STEPS = {"classifier": 1500, "ddpm": 1200, "dit": 1800}
+DEFAULT_STEPS = {"classifier": 1500, "ddpm": 1000, "dit": 1200}
 LR = {"classifier": 2e-3, "ddpm": 1e-3, "dit": 1e-3}
 NAMES = {"classifier": "digits-classifier", "ddpm": "digits-ddpm", "dit": "digits-dit"}
 GUIDANCE_SWEEP = (1.0, 1.5, 2.0, 3.0)

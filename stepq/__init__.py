@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging as _logging
 
+from stepq import ptqd
 from stepq.compiler import ops as _ops  # noqa: F401  - registers the stepq:: ops
 from stepq.compiler.api import calibrate, convert, prepare, quantize
 from stepq.compiler.artifact import load
@@ -36,6 +37,7 @@ from stepq.compiler.specs import (
     PerChannel,
     PerGroup,
     PerTensor,
+    PTQDConfig,
     QuantSpec,
     Recipe,
 )
@@ -51,6 +53,7 @@ __all__ = [
     "LayerSpec",
     "MSEObserver",
     "MinMaxObserver",
+    "PTQDConfig",
     "PassError",
     "PerChannel",
     "PerGroup",
@@ -70,6 +73,7 @@ __all__ = [
     "load",
     "prepare",
     "preset_names",
+    "ptqd",
     "quantize",
 ]
 

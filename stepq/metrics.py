@@ -20,6 +20,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import scipy.linalg
@@ -62,7 +63,7 @@ def extract_features(images: Tensor, classifier: nn.Module, *, batch_size: int =
     """
     was_training = _eval_mode(classifier)
     try:
-        feats = _batched(classifier.features, images, batch_size)
+        feats = _batched(cast(Callable[[Tensor], Tensor], classifier.features), images, batch_size)
     finally:
         classifier.train(was_training)
     return feats.double().numpy()

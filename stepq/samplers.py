@@ -20,14 +20,20 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["DenoiseFn", "default_make_inputs", "fresh_scheduler", "make_denoiser", "model_output", "sample"]
+from stepq.ptqd.scheduler import PTQDScheduler
+
+__all__ = ["DenoiseFn", "PTQDScheduler", "default_make_inputs", "fresh_scheduler", "make_denoiser", "model_output",
+           "sample"]
 
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 MakeInputs = Callable[[Tensor, Tensor, Mapping[str, Any]], dict[str, Any]]
 
 
 def fresh_scheduler(scheduler: Any) -> Any:
-    """A new scheduler of the same class and config (schedulers keep per-run state)."""
+    """A new scheduler of the same class and config (schedulers keep per-run state). A wrapper that
+    carries more than a config (``PTQDScheduler``) makes its own copy with ``fresh()``."""
+    if callable(getattr(type(scheduler), "fresh", None)):
+        return scheduler.fresh()
     return type(scheduler).from_config(scheduler.config)
 
 

@@ -12,11 +12,13 @@ from stepq.passes import (
     AnnotateLayers,
     AttachTimestepTables,
     CanonicalizeExport,
+    CorrectNoise,
     FreezeScaleSource,
     InsertQuantizers,
     InsertScaleSource,
     MaterializeQuantizers,
     QuantizeWeights,
+    SelectBits,
 )
 
 __all__ = ["build_calibration_pipeline", "build_convert_pipeline", "build_pipeline"]
@@ -51,6 +53,11 @@ def build_convert_pipeline(recipe: Recipe) -> list[Pass | Skip | None]:
         FreezeScaleSource() if recipe.tdq is not None else Skip("freeze_scale_source", "the recipe has no TDQ section"),
         # activation scales → gathers from per-timestep tables (those in prog.state)
         AttachTimestepTables(),
+        # PTQD step-aware mixed precision: a branch per activation width, picked by a bits table gathered by t
+        SelectBits() if recipe.ptqd is not None and recipe.ptqd.mixed_bits
+        else Skip("select_bits", "the recipe has no PTQD mixed precision"),
+        # PTQD: (ε̂ − b_t)/(1 + k_t) on the output; identity until stepq.ptqd.apply measures the statistics
+        CorrectNoise() if recipe.ptqd is not None else Skip("correct_noise", "the recipe has no PTQD section"),
         # weights → integers (packed below 8 bits) + dequantize
         QuantizeWeights(),
     ]

@@ -8,8 +8,11 @@ graph's structure, not from layer names, so the same preset works on any denoise
 
 TDQ presets ``wXaY-tdq`` add timestep-dependent activation step sizes (an MLP of t, fitted in PTQ),
 ``wXaY-steptable`` the baseline with one free step per timestep, ``w4a4-qat`` LSQ quantization-aware
-training with static steps and ``w4a4-tdq-qat`` LSQ with TDQ generators. Other method presets
-(PTQD, QALoRA, ternary) register themselves with ``register_preset``.
+training with static steps and ``w4a4-tdq-qat`` LSQ with TDQ generators. PTQD presets
+``w4a8-ptqd`` / ``w4a4-ptqd`` add the noise correction (correlated part, bias, variance schedule) and
+``mixed-ptqd`` W4 weights with 4- or 8-bit activations chosen per timestep, plus the correction;
+``-tdq-ptqd`` variants put them on TDQ step sizes. Other method presets (QALoRA, ternary) register
+themselves with ``register_preset``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from stepq.compiler.specs import (
     PercentileObserver,
     PerChannel,
     PerTensor,
+    PTQDConfig,
     QATConfig,
     QuantSpec,
     Recipe,
@@ -99,3 +103,17 @@ for _w, _a in ((8, 8), (4, 8), (4, 4), (8, 4)):
     register_preset(f"w{_w}a{_a}-steptable", _tdq_factory(_w, _a, "table"))
 register_preset("w4a4-qat", lambda: static_recipe("w4a4", 4, 4).replace(name="w4a4-qat", qat=QATConfig()))
 register_preset("w4a4-tdq-qat", _tdq_factory(4, 4, qat=True))
+
+
+def _ptqd_factory(w_bits: int, a_bits: int, *, mixed: bool = False, tdq: bool = False) -> Callable[[], Recipe]:
+    name = ("mixed" if mixed else f"w{w_bits}a{a_bits}") + ("-tdq" if tdq else "") + "-ptqd"
+    cfg = PTQDConfig(mixed_bits=(4, 8) if mixed else ())
+    return lambda: static_recipe(f"w{w_bits}a{a_bits}", w_bits, a_bits).replace(
+        name=name, ptqd=cfg, tdq=TDQConfig() if tdq else None)
+
+
+for _tdq in (False, True):
+    register_preset(f"w4a8{'-tdq' if _tdq else ''}-ptqd", _ptqd_factory(4, 8, tdq=_tdq))
+    register_preset(f"w4a4{'-tdq' if _tdq else ''}-ptqd", _ptqd_factory(4, 4, tdq=_tdq))
+    # mixed precision: the W4A8 graph, whose default-rule activations switch to 4 bits per timestep
+    register_preset(f"mixed{'-tdq' if _tdq else ''}-ptqd", _ptqd_factory(4, 8, mixed=True, tdq=_tdq))

@@ -118,7 +118,7 @@ def _dec(v: Any, nodes: dict[str, torch.fx.Node]) -> Any:
 def _meta_to_json(node: torch.fx.Node) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in (meta.LAYER, meta.OP_KIND, meta.RULE, meta.QUANTIZER_ROLE, meta.ACT_QUANTIZER, meta.WEIGHT_BITS,
-                meta.STEPQ_INSERTED):
+                meta.STEPQ_INSERTED, meta.PTQD_NODE):
         if key in node.meta:
             out[key] = node.meta[key]
     if meta.ROLES in node.meta:

@@ -389,13 +389,15 @@ class PTQDConfig:
     activation bit-width per timestep: the smallest width whose SNR^Q(t) exceeds SNR^F(t); empty =
     no mixed precision. The statistics are measured on the guidance-combined prediction at
     ``guidance_scale`` (the scale the measuring data was recorded with); ``normality_samples`` caps
-    the residual elements per timestep kept for the normality test.
+    the residual elements per timestep kept for the normality test. ``snr_margin`` m makes the bit
+    choice stricter: a width qualifies when SNR^Q(t) > m·SNR^F(t) (the paper's rule is m = 1).
     """
 
     correlated: bool = True
     bias: bool = True
     variance: bool = True
     mixed_bits: tuple[int, ...] = ()
+    snr_margin: float = 1.0
     guidance_scale: float = 1.0
     normality_samples: int = 20000
     seed: int = 0
@@ -408,6 +410,7 @@ class PTQDConfig:
         _check(not bits or (len(bits) >= 2 and list(bits) == sorted(set(bits))),
                f"PTQDConfig.mixed_bits must be empty or at least two distinct widths in ascending order, got {bits!r}")
         _check(self.guidance_scale > 0, f"PTQDConfig.guidance_scale must be > 0, got {self.guidance_scale}")
+        _check(self.snr_margin > 0, f"PTQDConfig.snr_margin must be > 0, got {self.snr_margin}")
         _check(self.normality_samples >= 8,
                f"PTQDConfig.normality_samples must be >= 8 (scipy's normaltest needs 8), got {self.normality_samples}")
 

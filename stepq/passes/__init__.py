@@ -3,10 +3,12 @@
 from stepq.passes.annotate_layers import AnnotateLayers
 from stepq.passes.attach_timestep_tables import AttachTimestepTables
 from stepq.passes.canonicalize_export import CanonicalizeExport
+from stepq.passes.correct_noise import CorrectNoise
 from stepq.passes.freeze_scale_source import FreezeScaleSource
 from stepq.passes.insert_quantizers import InsertQuantizers
 from stepq.passes.insert_scale_source import InsertScaleSource
 from stepq.passes.materialize_quantizers import MaterializeQuantizers
 from stepq.passes.quantize_weights import QuantizeWeights
+from stepq.passes.select_bits import SelectBits
 
-__all__ = ["AnnotateLayers", "AttachTimestepTables", "CanonicalizeExport", "FreezeScaleSource", "InsertQuantizers", "InsertScaleSource", "MaterializeQuantizers", "QuantizeWeights"]
+__all__ = ["AnnotateLayers", "AttachTimestepTables", "CanonicalizeExport", "CorrectNoise", "FreezeScaleSource", "InsertQuantizers", "InsertScaleSource", "MaterializeQuantizers", "QuantizeWeights", "SelectBits"]

@@ -40,6 +40,7 @@ from stepq.zoo.classifier import DigitClassifier
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "FORMAT_VERSION",
     "MODELS",
     "NULL_CLASS",
     "NUM_CLASSES",
@@ -47,6 +48,7 @@ __all__ = [
     "UnknownModelError",
     "ZooEntry",
     "available",
+    "build_model",
     "checkpoint_paths",
     "class_conditions",
     "disable_label_dropout",
@@ -123,7 +125,7 @@ def disable_label_dropout(model: nn.Module) -> int:
     count = 0
     for m in model.modules():
         if type(m).__name__ == "LabelEmbedding" and getattr(m, "dropout_prob", 0.0) != 0.0:
-            m.dropout_prob = 0.0
+            m.dropout_prob = 0.0  # type: ignore[assignment]
             count += 1
     return count
 

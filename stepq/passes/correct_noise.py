@@ -1,0 +1,160 @@
+"""Correct noise: the denoiser's prediction becomes PTQD's corrected estimate of ε.
+
+PTQD models the quantized prediction as ε̂ = (1 + k_t)·ε + b_t + r_t (k_t: the part of the error
+correlated with ε, b_t: its per-channel mean, r_t: a residual; ``stepq.ptqd.statistics``). The pass
+inverts the deterministic part on the model's output:
+
+    y = model(x_t, t, …)                        the prediction: ε̂ (its first C channels)
+ →  i  = timestep_index(t, T, timestep_scale)   (the graph's single index node, shared with TDQ tables)
+    y' = (ε̂ − B[i]) / (1 + K[i])               K: [T] buffer ``ptqd_k_table``, B: [T, C] ``ptqd_bias_table``
+       = ε + r_t / (1 + k_t)
+
+Per sample when the output shares its batch with the timestep (K[i] viewed [B, 1, …], B[i]
+[B, C, 1, …]), else with the first sample's row. Learned-variance channels beyond C pass through
+(y' = cat(corrected, rest)). Classifier-free guidance commutes with the correction, since
+u' + s(c' − u') = (ε̂_cfg − b)/(1 + k), so correcting each branch corrects the guided ε.
+
+The tables come from ``prog.state[STATE_PTQD]`` (``PTQDStats``) and the recipe's ``PTQDConfig``:
+K = k_t when ``correlated`` else 0, B = b_t when ``bias`` else 0. Without statistics both are 0 and
+the rewrite is the identity (exactly: y − 0 = y, y / 1 = y), so convert can insert it and
+``stepq.ptqd.apply`` fill it once the statistics are measured. Like the TDQ tables it is a Gather on
+the timestep in ONNX; inference pays two gathers, a subtraction and a division.
+
+Requires: a converted or calibrated graph whose first output is the prediction [B, ≥C, …].
+Guarantees: one correction on that output; a second run changes nothing; new statistics update the
+buffers (counted as one rewrite).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.fx
+
+from stepq.compiler import meta
+from stepq.compiler.analysis import shares_batch
+from stepq.compiler.errors import PreconditionError
+from stepq.compiler.graph_utils import fetch_attr, has_attr, register_tensor
+from stepq.compiler.pass_manager import PassResult
+from stepq.compiler.program import Program
+from stepq.passes.attach_timestep_tables import timestep_index_node
+
+if TYPE_CHECKING:
+    from stepq.ptqd.statistics import PTQDStats
+
+__all__ = ["BIAS_TABLE", "K_TABLE", "CorrectNoise", "correction_tables", "prediction_node"]
+
+aten = torch.ops.aten
+
+#: the buffers the correction gathers from.
+K_TABLE = "ptqd_k_table"
+BIAS_TABLE = "ptqd_bias_table"
+_ROLE = "correct_noise"
+
+
+def prediction_node(gm: torch.fx.GraphModule) -> torch.fx.Node:
+    """The graph's first output: the model's prediction."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    flat: list[torch.fx.Node] = []
+
+    def visit(n: torch.fx.Node) -> torch.fx.Node:
+        flat.append(n)
+        return n
+
+    torch.fx.node.map_arg(out.args[0], visit)
+    if not flat:
+        raise PreconditionError("correct_noise: the graph has no tensor output")
+    return flat[0]
+
+
+def _channels(prog: Program, pred: torch.fx.Node) -> int:
+    stats: PTQDStats | None = prog.state.get(meta.STATE_PTQD)
+    if stats is not None:
+        return stats.channels
+    if prog.sample_arg is not None and prog.sample_arg in prog.signature.tensors:
+        shape = prog.signature.tensors[prog.sample_arg].shape
+        if len(shape) >= 2:
+            return int(shape[1])
+    val = pred.meta.get("val")
+    if isinstance(val, torch.Tensor) and val.dim() >= 2:
+        return int(val.shape[1])
+    raise PreconditionError("correct_noise: cannot tell the prediction's channel count")
+
+
+def correction_tables(prog: Program, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K [T], B [T, C]) from the statistics and the recipe's PTQD flags; zeros where off or absent."""
+    T = prog.recipe.num_train_timesteps
+    k, b = torch.zeros(T), torch.zeros(T, channels)
+    stats: PTQDStats | None = prog.state.get(meta.STATE_PTQD)
+    cfg = prog.recipe.ptqd
+    if stats is None:
+        return k, b
+    if stats.num_train_timesteps != T:
+        raise PreconditionError(f"correct_noise: the PTQD tables have {stats.num_train_timesteps} timesteps, the "
+                                f"recipe's num_train_timesteps is {T}")
+    if cfg is None or cfg.correlated:
+        k = stats.k.detach().float().clone()
+    if cfg is None or cfg.bias:
+        b = stats.bias.detach().float().clone()
+    return k, b
+
+
+def _existing(gm: torch.fx.GraphModule) -> bool:
+    return any(n.op == "get_attr" and n.target == K_TABLE for n in gm.graph.nodes)
+
+
+class CorrectNoise:
+    name = "correct_noise"
+
+    def __call__(self, prog: Program) -> PassResult:
+        gm, graph = prog.gm, prog.gm.graph
+        if _existing(gm):
+            k_buf, b_buf = fetch_attr(gm, K_TABLE), fetch_attr(gm, BIAS_TABLE)
+            k, b = correction_tables(prog, b_buf.shape[1])
+            if torch.equal(k_buf, k) and torch.equal(b_buf, b):
+                return PassResult(0)
+            k_buf.copy_(k)
+            b_buf.copy_(b)
+            return PassResult(1)
+        if has_attr(gm, K_TABLE):
+            raise PreconditionError(f"correct_noise: {K_TABLE!r} exists but no correction reads it")
+        pred = prediction_node(gm)
+        val = pred.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() < 2:
+            raise PreconditionError(f"correct_noise: the prediction {pred.name} is not a [B, C, ...] tensor")
+        C = _channels(prog, pred)
+        if val.shape[1] < C:
+            raise PreconditionError(f"correct_noise: the prediction has {val.shape[1]} channels, the statistics {C}")
+        k, b = correction_tables(prog, C)
+        k_name = register_tensor(gm, K_TABLE, k)
+        b_name = register_tensor(gm, BIAS_TABLE, b)
+        idx = timestep_index_node(prog)
+        idx_val = idx.meta.get("val")
+        per_sample = shares_batch(pred, prog.timestep_node)
+        ones = [1] * (val.dim() - 2)
+        output = next(n for n in graph.nodes if n.op == "output")
+        new: list[torch.fx.Node] = []
+
+        def call(target, *args):
+            node = graph.call_function(target, args)
+            new.append(node)
+            return node
+
+        with graph.inserting_before(output):
+            index = idx
+            if not per_sample and isinstance(idx_val, torch.Tensor) and idx_val.dim() == 1:
+                index = call(aten.select.int, idx, 0, 0)
+            k_attr, b_attr = graph.get_attr(k_name), graph.get_attr(b_name)
+            new += [k_attr, b_attr]
+            kt = call(aten.view.default, call(aten.index.Tensor, k_attr, [index]), [-1, 1, *ones])
+            bt = call(aten.view.default, call(aten.index.Tensor, b_attr, [index]), [-1, C, *ones])
+            eps = pred if val.shape[1] == C else call(aten.slice.Tensor, pred, 1, 0, C)
+            y = call(aten.div.Tensor, call(aten.sub.Tensor, eps, bt), call(aten.add.Tensor, kt, 1.0))
+            if val.shape[1] != C:
+                y = call(aten.cat.default, [y, call(aten.slice.Tensor, pred, 1, C, None)], 1)
+        for n in new:
+            meta.mark_inserted(n, **{meta.PTQD_NODE: _ROLE})
+        y.meta["val"] = val
+        output.replace_input_with(pred, y)
+        return PassResult(1)

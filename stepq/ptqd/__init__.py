@@ -1,0 +1,55 @@
+"""PTQD (He et al., NeurIPS 2023) for any denoiser and any diffusers DDPM / DDIM schedule.
+
+* ``statistics``: k_t, b_t, σ_q(t), SNR^Q(t) and the residual's normality, measured on FP-trajectory
+  inputs, as tables over the training timesteps;
+* ``stepq.passes.correct_noise``: (ε̂ − b_t)/(1 + k_t) on the denoiser output, gathered by timestep;
+* ``scheduler``: ``PTQDScheduler`` lowers DDPM / DDIM noise by the residual variance;
+* ``mixed``: step-aware activation bit-widths (``stepq.passes.select_bits`` in the graph), BOPs;
+* ``apply``: all of it on a compiled model. Recipes: ``w4a8-ptqd``, ``w4a4-ptqd``, ``mixed-ptqd``
+  (and ``-tdq-ptqd``). See docs/PTQD.md.
+"""
+
+from __future__ import annotations
+
+from stepq.compiler.specs import PTQDConfig
+from stepq.ptqd.apply import apply, copy_model, scheduler_for, with_config
+from stepq.ptqd.mixed import (
+    LayerCost,
+    MixedPrecision,
+    bit_operations,
+    choose_bits,
+    forward_snr,
+    layer_costs,
+    set_bits,
+    specialize,
+)
+from stepq.ptqd.scheduler import PTQDScheduler, UnsupportedSchedulerError, scheduler_kind
+from stepq.ptqd.state import register_codecs
+from stepq.ptqd.statistics import ErrorAccumulator, Normality, PTQDStats, fill_table, measure, predictions
+
+__all__ = [
+    "ErrorAccumulator",
+    "LayerCost",
+    "MixedPrecision",
+    "Normality",
+    "PTQDConfig",
+    "PTQDScheduler",
+    "PTQDStats",
+    "UnsupportedSchedulerError",
+    "apply",
+    "bit_operations",
+    "choose_bits",
+    "copy_model",
+    "fill_table",
+    "forward_snr",
+    "layer_costs",
+    "measure",
+    "predictions",
+    "scheduler_for",
+    "scheduler_kind",
+    "set_bits",
+    "specialize",
+    "with_config",
+]
+
+register_codecs()

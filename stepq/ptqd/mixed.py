@@ -1,0 +1,187 @@
+"""PTQD's step-aware mixed precision: which activation bit-width each timestep gets, and what it costs.
+
+The forward process at t has signal-to-noise ratio SNR^F(t) = ᾱ_t/(1 − ᾱ_t) (flow matching,
+x_t = (1 − σ)x_0 + σε: ((1 − σ)/σ)²). The quantized model at b activation bits has
+SNR^Q_b(t) = ‖ε‖/‖ε̂_b − ε‖ (``PTQDStats.snr`` of the model with every switchable quantizer at b
+bits). PTQD picks per timestep the smallest b with SNR^Q_b(t) > SNR^F(t), and the largest width
+when none qualifies: early, noisy steps tolerate low-bit noise that the late steps do not.
+
+The graph side is ``stepq.passes.select_bits``; here: the choice (``choose_bits``), the state saved
+with the model (``MixedPrecision``), a helper that pins every step to one width (``set_bits``, used
+to measure SNR^Q_b), ``specialize`` (the single-width graph, what each branch of the ONNX If is),
+and bit operations (BOPs = Σ MACs · w_bits · a_bits over the conv / linear layers).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor
+
+from stepq.compiler import meta, ops
+from stepq.compiler.errors import PreconditionError
+from stepq.compiler.graph_utils import delete_attr, fetch_attr, has_attr
+from stepq.compiler.quantized_model import QuantizedModel
+from stepq.passes.select_bits import BITS_TABLE
+
+__all__ = ["LayerCost", "MixedPrecision", "bit_operations", "choose_bits", "forward_snr", "layer_costs",
+           "set_bits", "specialize"]
+
+aten = torch.ops.aten
+
+
+@dataclass
+class MixedPrecision:
+    """The per-timestep activation widths and the curves they were chosen from."""
+
+    bits: tuple[int, ...]  # candidate widths, ascending
+    table: Tensor  # [T] int64: the width at each training timestep
+    snr_q: Tensor  # [len(bits), T] SNR^Q per width (interpolated between measured timesteps)
+    snr_f: Tensor  # [T] SNR^F
+    visited: Tensor  # [T] bool: measured
+    margin: float = 1.0  # a width qualifies when SNR^Q > margin·SNR^F
+
+    def share(self, timesteps: Sequence[int] | Tensor, bits: int | None = None) -> float:
+        """Fraction of ``timesteps`` (a sampling schedule) run at ``bits`` (default: the smallest width)."""
+        t = torch.as_tensor(timesteps).long().reshape(-1)
+        b = self.bits[0] if bits is None else bits
+        return float((self.table[t] == b).double().mean())
+
+
+def forward_snr(scheduler: Any, num_train_timesteps: int) -> Tensor:
+    """SNR^F(t) for t in [0, T) of a diffusers scheduler (ᾱ/(1 − ᾱ); flow matching ((1 − σ)/σ)², σ = t/T)."""
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is not None:
+        a = torch.as_tensor(alphas).double()
+        if a.numel() != num_train_timesteps:
+            raise PreconditionError(f"the scheduler has {a.numel()} training timesteps, the tables "
+                                    f"{num_train_timesteps}")
+        return (a / (1 - a)).float()
+    sigma = (torch.arange(num_train_timesteps, dtype=torch.float64) / num_train_timesteps).clamp_min(1e-6)
+    return (((1 - sigma) / sigma) ** 2).float()
+
+
+def choose_bits(snr_q: Tensor, snr_f: Tensor, bits: Sequence[int]) -> Tensor:
+    """[T] int64: per timestep the smallest width whose SNR^Q exceeds SNR^F, else the largest."""
+    bits = list(bits)
+    if snr_q.shape != (len(bits), snr_f.numel()):
+        raise ValueError(f"snr_q must be [{len(bits)}, {snr_f.numel()}], got {tuple(snr_q.shape)}")
+    table = torch.full((snr_f.numel(),), bits[-1], dtype=torch.int64)
+    for j in reversed(range(len(bits) - 1)):
+        table = torch.where(snr_q[j] > snr_f, torch.tensor(bits[j]), table)
+    return table
+
+
+def set_bits(qm: QuantizedModel, bits: int | Tensor) -> None:
+    """Write the model's bits table in place: one width for every timestep, or a [T] table."""
+    if not has_attr(qm.gm, BITS_TABLE):
+        raise PreconditionError("the model has no per-timestep bit switch (select_bits did not run)")
+    buf = fetch_attr(qm.gm, BITS_TABLE)
+    buf.copy_(torch.as_tensor(bits, dtype=torch.int64).expand_as(buf))
+
+
+def _where_branch(node: torch.fx.Node, bits: int) -> torch.fx.Node | None:
+    if node.target is not aten.where.self or node.meta.get(meta.PTQD_NODE) != "select_bits":
+        return None
+    cond, low, rest = node.args
+    assert isinstance(cond, torch.fx.Node) and isinstance(low, torch.fx.Node) and isinstance(rest, torch.fx.Node)
+    return low if cond.args[1] == bits else rest
+
+
+def specialize(qm: QuantizedModel, bits: int) -> QuantizedModel:
+    """A copy of ``qm`` whose switched quantizers always run at ``bits``: the bit switch is gone, the
+    other widths' branches and the bits table are removed. Each branch of the ONNX If is one of these."""
+    cfg = qm.recipe.ptqd
+    if cfg is None or bits not in cfg.mixed_bits:
+        raise PreconditionError(f"cannot specialize to {bits} bits; the model's widths are "
+                                f"{() if cfg is None else cfg.mixed_bits}")
+    prog = qm.program.replace(gm=copy.deepcopy(qm.program.gm), state=dict(qm.program.state),
+                              history=list(qm.program.history))
+    gm = prog.gm
+    switch_attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.meta.get(meta.PTQD_NODE) == "select_bits"}
+    for node in list(gm.graph.nodes):
+        branch = _where_branch(node, bits)
+        if branch is not None:
+            node.replace_all_uses_with(branch)
+    gm.graph.eliminate_dead_code()
+    live = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in switch_attrs - live:
+        delete_attr(gm, name)
+    gm.recompile()
+    prog.history.append(f"specialize(a{bits})")
+    return QuantizedModel(prog)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One conv / linear layer: MACs per sample and its operand widths (None = switched per step)."""
+
+    layer: str
+    macs: int
+    w_bits: int
+    a_bits: int | None
+
+
+def _act_bits(x: Any) -> int | None:
+    if not isinstance(x, torch.fx.Node):
+        return 32
+    if x.target is aten.where.self and x.meta.get(meta.PTQD_NODE) == "select_bits":
+        return None
+    if x.target is ops.FAKE_QUANT:
+        spec = x.meta.get(meta.QSPEC)
+        return spec.bits if spec is not None else 32
+    return 32
+
+
+@torch.no_grad()
+def layer_costs(qm: QuantizedModel, inputs: Mapping[str, Any]) -> list[LayerCost]:
+    """MACs per sample and operand widths of every conv2d / linear, shapes from one run on ``inputs``."""
+    prog = qm.program
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    class _Rec(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            out = super().run_node(n)
+            if n.op == "call_function" and n.target in (aten.linear.default, aten.conv2d.default):
+                w: Any = self.env[n.args[1]] if isinstance(n.args[1], torch.fx.Node) else n.args[1]
+                shapes[n.name] = (tuple(out.shape), tuple(w.shape))
+            return out
+
+    _Rec(prog.gm).run(*prog.flat_inputs((), inputs))
+    costs = []
+    for n in prog.gm.graph.nodes:
+        if n.name not in shapes:
+            continue
+        (out_shape, w_shape) = shapes[n.name]
+        per_sample = 1
+        for s in out_shape[1:]:
+            per_sample *= s
+        fan_in = 1
+        for s in w_shape[1:]:
+            fan_in *= s
+        w = n.args[1]
+        w_bits = w.meta.get(meta.WEIGHT_BITS, 32) if isinstance(w, torch.fx.Node) else 32
+        costs.append(LayerCost(str(n.meta.get(meta.LAYER, n.name)), per_sample * fan_in, int(w_bits), _act_bits(n.args[0])))
+    return costs
+
+
+def bit_operations(costs: Sequence[LayerCost], table: Tensor | None, timesteps: Sequence[int] | Tensor) -> dict[str, float]:
+    """Mean BOPs per sample and step over ``timesteps`` with per-step widths from ``table``, and the
+    same layers at W8A8 (every quantized operand at 8 bits, float ones at 32) and in FP32."""
+    ts = torch.as_tensor(timesteps).long().reshape(-1)
+    total = w8a8 = fp = 0.0
+    for t in ts.tolist():
+        for c in costs:
+            a = c.a_bits if c.a_bits is not None else int(table[t]) if table is not None else 8
+            total += c.macs * c.w_bits * a
+            w8a8 += c.macs * (8 if c.w_bits < 32 else 32) * (8 if c.a_bits is None or c.a_bits < 32 else 32)
+            fp += c.macs * 32 * 32
+    n = max(len(ts), 1)
+    return {"bops": total / n, "bops_w8a8": w8a8 / n, "bops_fp32": fp / n,
+            "saved_vs_w8a8": 1.0 - total / w8a8 if w8a8 else 0.0,
+            "x_vs_fp32": fp / total if total else float("inf")}
