@@ -21,6 +21,7 @@ Writes docs/results/quality.md (and .json) and PNG grids of FP vs quantized samp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -87,6 +88,8 @@ def train_batches(ctx: Context, batch_size: int, seed: int = 0):
 def stepq_row(recipe: str | stepq.Recipe) -> Row:
     def build(ctx: Context) -> tuple[Callable[..., Any], int]:
         r = stepq.compiler.api.resolve_recipe(recipe)
+        if r.ptqd is not None and ctx.entry.conditions is not None:  # statistics on the guided ε
+            r = r.replace(ptqd=dataclasses.replace(r.ptqd, guidance_scale=ctx.entry.guidance_scale))
         train = train_batches(ctx, r.qat.batch_size, r.qat.seed) if r.qat is not None else None
         qm = stepq.quantize(ctx.model, ctx.example, r, calibration=ctx.calibration, train_data=train,
                             progress=False)
@@ -152,6 +155,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/results/quality")
     ap.add_argument("--grids", default="docs/results/grids")
+    ap.add_argument("--merge", action="store_true",
+                    help="merge the rows into the existing results (same model/config/sampler replaced)")
+    ap.add_argument("--cache-dir", default="/tmp/stepq_quality_cache",
+                    help="FP samples are kept here (safetensors) so later --merge runs score PSNR against them")
     args = ap.parse_args(argv)
     for c in args.configs:  # "stepq <preset>" works for every preset
         if c not in ROWS and c.startswith("stepq ") and c.removeprefix("stepq ") in stepq.preset_names():
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(f"{name}: {len(calib)} calibration batches ({calib.num_samples} denoiser inputs) in "
                   f"{time.perf_counter() - t0:.1f}s", flush=True)
             ctx = Context(name, model, entry, calib, example, Path(tmp))
-            fp_samples: dict[str, torch.Tensor] = {}
+            fp_samples: dict[str, torch.Tensor] = _load_fp_cache(args, short)
             for config in args.configs:
                 t0 = time.perf_counter()
                 try:
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                                   seed=args.seed, eta=eta)
                     if config == "fp32":
                         fp_samples[sampler] = images
+                        _save_fp_cache(args, short, sampler, images)
                     row = {
                         "model": short, "config": config, "sampler": sampler,
                         "fd": metrics.fd(images, test_x, classifier),
@@ -219,6 +227,40 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def _fp_cache_path(args: argparse.Namespace, short: str, sampler: str) -> Path:
+    return Path(args.cache_dir) / f"{short}_{sampler}_n{args.n}_seed{args.seed}.safetensors"
+
+
+def _load_fp_cache(args: argparse.Namespace, short: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for sampler in args.samplers:
+        p = _fp_cache_path(args, short, sampler)
+        if p.is_file():
+            out[sampler] = load_file(p)["images"]
+    return out
+
+
+def _save_fp_cache(args: argparse.Namespace, short: str, sampler: str, images: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    p = _fp_cache_path(args, short, sampler)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"images": images.contiguous()}, str(p))
+
+
+def _merge(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """The rows of the results at ``path`` with ``rows`` replacing those of the same model/config/sampler."""
+    if not path.is_file():
+        return rows
+    key = lambda r: (r["model"], r["config"], r.get("sampler"))  # noqa: E731
+    new = {key(r) for r in rows}
+    old = [r for r in json.loads(path.read_text())["rows"] if key(r) not in new]
+    order = {"ddpm": 0, "dit": 1}
+    return sorted(old + rows, key=lambda r: order.get(r["model"], 2))  # stable: run order within a model
+
+
 def _fmt(v: Any, spec: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -228,6 +270,9 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, floor: float, noise_fd: float) -> None:
+    out = Path(args.out)
+    if args.merge:
+        rows = _merge(rows, out.with_suffix(".json"))
     lines = [
         "# Digits quality benchmark",
         "",
@@ -245,7 +290,6 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, floor: f
         lines.append(f"| {r['model']} | {r['config']} | {r['sampler']} | {_fmt(r['fd'], '.3f')} | "
                      f"{_fmt(r['accuracy'], '.3f')} | {_fmt(r['psnr_vs_fp'], '.2f')} | "
                      f"{r['weight_bytes'] / 1e6:.3f} |")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"floor": floor, "noise_fd": noise_fd, "rows": rows}, indent=1))

@@ -170,3 +170,35 @@ def test_lsq_hook_scales_step_size_gradients():
     p.grad = None
     (p * torch.ones_like(p)).sum().backward()
     torch.testing.assert_close(p.grad, torch.full_like(p, 1.0 / math.sqrt(32 * 7)))
+
+
+class _SharedCall(nn.Module):
+    """One Linear called on two different tensors (as DiT calls its timestep embedder twice)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 16)
+
+    def forward(self, sample, timestep):
+        a = self.shared(sample)
+        b = self.shared(torch.relu(a) * (1.0 + timestep.float() / 100.0)[:, None])
+        return self.head(a + b)
+
+
+def test_a_module_called_twice_gets_one_quantizer_per_call_and_converts_with_tdq():
+    data = _ts_data(4, batch=4)
+    prog = stepq.prepare(stepq.capture(_SharedCall(), data[0]), _recipe("mlp", steps=0))
+    names = [n.meta[meta.ACT_QUANTIZER] for n in prog.gm.graph.nodes
+             if n.meta.get(meta.QUANTIZER_ROLE) == "activation"]
+    assert sorted(names) == ["head.input", "shared.input", "shared.input_call2"]
+    stepq.calibrate(prog, data, progress=False)
+    x = _ts_data(2, batch=3, seed=5)[1]
+    before = prog(**x)
+    qm = stepq.convert(prog)
+    tables = qm.program.state[meta.STATE_TIMESTEP_TABLES]
+    assert sorted(tables) == sorted(names)
+    # the two calls see different ranges, so they got different static steps (and tables)
+    assert not torch.equal(tables["shared.input"].scale, tables["shared.input_call2"].scale)
+    torch.testing.assert_close(qm(**x), before, rtol=1e-4, atol=1e-4)

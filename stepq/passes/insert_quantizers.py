@@ -64,6 +64,9 @@ class InsertQuantizers:
         t_node = prog.timestep_node
         weights: dict[tuple[torch.fx.Node, QuantSpec], torch.fx.Node] = {}
         acts: dict[tuple[torch.fx.Node, QuantSpec], torch.fx.Node] = {}
+        # a module called more than once (DiT's timestep embedder, shared by the blocks and the final
+        # adaLN) gets one quantizer per call: "<layer>.input", "<layer>.input_call2", …
+        used = {n.meta[meta.ACT_QUANTIZER] for n in gm.graph.nodes if meta.ACT_QUANTIZER in n.meta}
         count = 0
         details: list[str] = []
         for node in list(gm.graph.nodes):
@@ -83,7 +86,12 @@ class InsertQuantizers:
                     key = (x, spec.activation)
                     q = acts.get(key)
                     if q is None:
-                        name = f"{layer}.{_operand_suffix(node, idx)}"
+                        name = base = f"{layer}.{_operand_suffix(node, idx)}"
+                        k = 1
+                        while name in used:
+                            k += 1
+                            name = f"{base}_call{k}"
+                        used.add(name)
                         obs = ActivationObserver(
                             name, spec.activation, num_train_timesteps=recipe.num_train_timesteps,
                             timestep_scale=prog.timestep_scale, timestep_policy=recipe.timestep_policy,
