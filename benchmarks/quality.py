@@ -159,7 +159,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     help="merge the rows into the existing results (same model/config/sampler replaced)")
     ap.add_argument("--cache-dir", default="/tmp/stepq_quality_cache",
                     help="FP samples are kept here (safetensors) so later --merge runs score PSNR against them")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json and exit")
     args = ap.parse_args(argv)
+    if args.report_only:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        args.merge = False
+        write_results(saved["rows"], args, saved["floor"], saved["noise_fd"], saved.get("n", args.n))
+        return saved["rows"]
     for c in args.configs:  # "stepq <preset>" works for every preset
         if c not in ROWS and c.startswith("stepq ") and c.removeprefix("stepq ") in stepq.preset_names():
             ROWS[c] = stepq_row(c.removeprefix("stepq "))
@@ -212,7 +218,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         "model": short, "config": config, "sampler": sampler,
                         "fd": metrics.fd(images, test_x, classifier),
                         "accuracy": metrics.class_accuracy(images, labels, classifier) if labels is not None else None,
-                        "psnr_vs_fp": metrics.psnr(images, fp_samples[sampler]) if sampler in fp_samples else None,
+                        "psnr_vs_fp": (metrics.psnr(images, fp_samples[sampler])
+                                       if sampler in fp_samples and config != "fp32" else None),
                         "weight_bytes": nbytes, "build_s": round(build_s, 1),
                         "sample_s": round(time.perf_counter() - t1, 1),
                     }
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                           f"{nbytes / 1e6:.2f} MB  ({row['sample_s']}s)", flush=True)
                     safe = config.replace(" ", "_").replace("(", "").replace(")", "")
                     metrics.save_grid(images[:100], grid_dir / f"{short}_{sampler}_{safe}.png", nrow=10)
-    write_results(rows, args, floor, noise_fd)
+    write_results(rows, args, floor, noise_fd, args.n)
     return rows
 
 
@@ -269,14 +276,14 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
-def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, floor: float, noise_fd: float) -> None:
+def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, floor: float, noise_fd: float, n: int) -> None:
     out = Path(args.out)
     if args.merge:
         rows = _merge(rows, out.with_suffix(".json"))
     lines = [
         "# Digits quality benchmark",
         "",
-        f"N = {args.n} samples per row (seed {args.seed}); calibration: {args.calib_samples} DDIM-50 FP trajectories "
+        f"N = {n} samples per row (seed {args.seed}); calibration: {args.calib_samples} DDIM-50 FP trajectories "
         "(another seed). FD against the held-out real digits in the digit classifier's feature space.",
         f"Floor: FD(real train, real held-out) = {floor:.3f}; uniform noise images: FD = {noise_fd:.1f}.",
         "",
@@ -287,12 +294,13 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, floor: f
         if "error" in r:
             lines.append(f"| {r['model']} | {r['config']} | - | failed: {r['error']} | | | |")
             continue
+        psnr = None if r["config"] == "fp32" else r["psnr_vs_fp"]
         lines.append(f"| {r['model']} | {r['config']} | {r['sampler']} | {_fmt(r['fd'], '.3f')} | "
-                     f"{_fmt(r['accuracy'], '.3f')} | {_fmt(r['psnr_vs_fp'], '.2f')} | "
+                     f"{_fmt(r['accuracy'], '.3f')} | {_fmt(psnr, '.2f')} | "
                      f"{r['weight_bytes'] / 1e6:.3f} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"floor": floor, "noise_fd": noise_fd, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"floor": floor, "noise_fd": noise_fd, "n": n, "rows": rows}, indent=1))
     print("\n".join(lines))
 
 

@@ -40,19 +40,20 @@ warnings.filterwarnings("ignore")
 OUT = Path("docs/results")
 
 
-def part_table(n: int, models: list[str]) -> None:
+def part_table(n: int, models: list[str], bits: list[str], samplers: list[str], qat: bool) -> None:
     configs = ["fp32"]
-    for bits in ("w8a8", "w8a4", "w4a8", "w4a4"):
-        configs += [f"stepq {bits}", f"stepq {bits}-steptable", f"stepq {bits}-tdq"]
-    configs += ["stepq w4a4-qat", "stepq w4a4-tdq-qat"]
-    quality.main(["--models", *models, "--configs", *configs, "--samplers", "ddim20", "ddpm100", "--n", str(n),
-                  "--out", str(OUT / "tdq_table"), "--grids", str(OUT / "grids_tdq")])
+    for b in bits:
+        configs += [f"stepq {b}", f"stepq {b}-steptable", f"stepq {b}-tdq"]
+    if qat:
+        configs += ["stepq w4a4-qat", "stepq w4a4-tdq-qat"]
+    quality.main(["--models", *models, "--configs", *configs, "--samplers", *samplers, "--n", str(n),
+                  "--out", str(OUT / "tdq_table"), "--grids", str(OUT / "grids_tdq"), "--merge"])
 
 
 def part_steps(n: int, models: list[str]) -> None:
     quality.main(["--models", *models, "--configs", "fp32", "stepq w4a4", "stepq w4a4-tdq", "stepq w8a4",
                   "stepq w8a4-tdq", "--samplers", "ddim100", "ddim50", "ddim20", "ddim10", "--n", str(n),
-                  "--out", str(OUT / "tdq_steps"), "--grids", str(OUT / "grids_tdq_steps")])
+                  "--out", str(OUT / "tdq_steps"), "--grids", str(OUT / "grids_tdq_steps"), "--merge"])
 
 
 def _calibrated(name: str, recipe: str) -> tuple[Any, Any, stepq.QuantizedModel]:
@@ -134,10 +135,13 @@ def main() -> None:
                     choices=["table", "steps", "overhead", "plots"])
     ap.add_argument("--models", nargs="+", default=["ddpm", "dit"], choices=["ddpm", "dit"])
     ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--bits", nargs="+", default=["w8a8", "w8a4", "w4a8", "w4a4"], help="table: the bit-widths")
+    ap.add_argument("--samplers", nargs="+", default=["ddim20", "ddpm100"], help="table: the samplers")
+    ap.add_argument("--no-qat", action="store_true", help="table: leave out the QAT rows")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     for part in args.parts:
-        {"table": lambda: part_table(args.n, args.models), "steps": lambda: part_steps(args.n, args.models),
+        {"table": lambda: part_table(args.n, args.models, args.bits, args.samplers, not args.no_qat), "steps": lambda: part_steps(args.n, args.models),
          "overhead": lambda: part_overhead(args.models), "plots": lambda: part_plots(args.models)}[part]()
 
 
