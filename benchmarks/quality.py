@@ -14,6 +14,7 @@ All configurations are calibrated on the same data: the inputs the FP model's de
 
     python benchmarks/quality.py                          # the full table (both models, 1000 samples)
     python benchmarks/quality.py --models ddpm --n 200 --configs fp32 "stepq w8a8"
+    python benchmarks/quality.py --configs "ONNX stepq w8a8-tdq" --merge   # the ONNX model in ORT
 
 Writes docs/results/quality.md (and .json) and PNG grids of FP vs quantized samples.
 """
@@ -99,6 +100,20 @@ def stepq_row(recipe: str | stepq.Recipe) -> Row:
     return build
 
 
+def onnx_row(recipe: str) -> Row:
+    """A stepq recipe lowered to ONNX and sampled in ONNX Runtime (the deployed form of the reference rows)."""
+
+    def build(ctx: Context) -> tuple[Callable[..., Any], int]:
+        qm = ctx.cache.get(f"qm:{recipe}")
+        if qm is None:
+            qm, _ = stepq_row(recipe)(ctx)
+        path = ctx.workdir / f"{ctx.name}_stepq_{recipe}.onnx"
+        qm.export_onnx(str(path))
+        return OrtDenoiser(path), qm.weight_bytes()
+
+    return build
+
+
 def _fp_onnx(ctx: Context) -> Path:
     if "fp_onnx" not in ctx.cache:
         ctx.cache["fp_onnx"] = export_fp_onnx(ctx.model, ctx.example, ctx.workdir / f"{ctx.name}_fp.onnx")
@@ -169,6 +184,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for c in args.configs:  # "stepq <preset>" works for every preset
         if c not in ROWS and c.startswith("stepq ") and c.removeprefix("stepq ") in stepq.preset_names():
             ROWS[c] = stepq_row(c.removeprefix("stepq "))
+        if c not in ROWS and c.startswith("ONNX stepq ") and c.removeprefix("ONNX stepq ") in stepq.preset_names():
+            ROWS[c] = onnx_row(c.removeprefix("ONNX stepq "))
     unknown = [c for c in args.configs if c not in ROWS]
     if unknown:
         ap.error(f"unknown configs {unknown}; known: {list(ROWS)} and 'stepq <preset>' for {stepq.preset_names()}")
