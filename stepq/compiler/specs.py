@@ -15,7 +15,7 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from stepq.compiler.errors import RecipeError
 
@@ -304,8 +304,26 @@ class LayerRule:
 TimestepPolicy = Literal["error", "clamp"]
 
 
+class _Section:
+    """What the recipe's method sections (TDQ, QAT, PTQD) share: replace, to_dict, from_dict."""
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}  # JSON has no tuples
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Self | None:
+        if d is None:
+            return None
+        _no_unknown(d, {f.name for f in dataclasses.fields(cls)}, cls.__name__)  # type: ignore[arg-type]
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class TDQConfig:
+class TDQConfig(_Section):
     """Timestep-dependent activation step sizes (TDQ, So et al. 2023).
 
     ``method="mlp"``: per activation quantizer, s(t) = softplus(MLP(fourier(t))), an MLP of 4 linear
@@ -340,19 +358,10 @@ class TDQConfig:
         _check(self.fit_batch >= 1, f"TDQConfig.fit_batch must be >= 1, got {self.fit_batch}")
         _check(self.fit_rows >= 1, f"TDQConfig.fit_rows must be >= 1, got {self.fit_rows}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> TDQConfig | None:
-        if d is None:
-            return None
-        _no_unknown(d, {f.name for f in dataclasses.fields(cls)}, "TDQConfig")
-        return cls(**d)
 
 
 @dataclass(frozen=True)
-class QATConfig:
+class QATConfig(_Section):
     """LSQ quantization-aware training on the denoising loss: weights, weight step sizes and
     activation step sizes (or TDQ generators) are learned with the straight-through estimator; the
     step sizes' gradients are scaled by 1/sqrt(N·Q_P) (Esser et al. 2020)."""
@@ -368,19 +377,10 @@ class QATConfig:
         _check(self.lr > 0 and self.scale_lr > 0, "QATConfig learning rates must be > 0")
         _check(self.batch_size >= 1, f"QATConfig.batch_size must be >= 1, got {self.batch_size}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> QATConfig | None:
-        if d is None:
-            return None
-        _no_unknown(d, {f.name for f in dataclasses.fields(cls)}, "QATConfig")
-        return cls(**d)
 
 
 @dataclass(frozen=True)
-class PTQDConfig:
+class PTQDConfig(_Section):
     """PTQD (He et al., NeurIPS 2023): quantization-noise correction and step-aware mixed precision.
 
     The quantized prediction is modelled as ε̂ = (1 + k_t)·ε + b_t + r_t. ``correlated`` divides the
@@ -414,23 +414,6 @@ class PTQDConfig:
         _check(self.normality_samples >= 8,
                f"PTQDConfig.normality_samples must be >= 8 (scipy's normaltest needs 8), got {self.normality_samples}")
 
-    def replace(self, **changes: Any) -> PTQDConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["mixed_bits"] = list(self.mixed_bits)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> PTQDConfig | None:
-        if d is None:
-            return None
-        _no_unknown(d, {f.name for f in dataclasses.fields(cls)}, "PTQDConfig")
-        d = dict(d)
-        if "mixed_bits" in d:
-            d["mixed_bits"] = tuple(d["mixed_bits"])
-        return cls(**d)
 
 
 @dataclass(frozen=True)
