@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import stepq
 from stepq import metrics, ptqd, zoo
@@ -215,18 +216,20 @@ def run_model(short: str, args: argparse.Namespace, classifier: torch.nn.Module,
                 denoiser, sched = qm, ptqd.scheduler_for(qm, entry.make_scheduler(kind))
             # the variance schedule does nothing at η = 0: reuse the +BC samples
             key = (base, (flags[0], flags[1], flags[2] and eta != 0.0) if flags else flags)
-            fp_file = cache / f"fp_{short}_{sampler}_n{args.n}_s{args.seed}.pt"
+            fp_file = cache / f"fp_{short}_{sampler}_n{args.n}_s{args.seed}.safetensors"
             if key in done:
                 row = dict(done[key], config=label, reused=True)
             else:
                 if base == "" and fp_file.exists():
-                    images, labels = torch.load(fp_file)
+                    saved = load_file(fp_file)
+                    images, labels = saved["images"], saved.get("labels")
                 else:
                     images, labels = zoo.generate(denoiser, entry, args.n, num_inference_steps=steps,
                                                   scheduler=sched, seed=args.seed, eta=eta)
                 if base == "":
                     fp_images[sampler] = images
-                    torch.save((images, labels), fp_file)
+                    save_file({"images": images.contiguous()} | ({} if labels is None else {"labels": labels}),
+                              str(fp_file))
                 row = {"model": short, "config": label, "sampler": sampler,
                        "fd": metrics.fd(images, test_x, classifier),
                        "psnr_vs_fp": metrics.psnr(images, fp_images[sampler]) if base else None,
