@@ -83,8 +83,11 @@ class _Reader:
 
 
 def ort_quantize_static(fp_path: str | Path, out_path: str | Path, calibration: Iterable[Mapping[str, Any]],
-                        method: str = "minmax") -> Path:
-    """ORT's own static W8A8 (QDQ, per-channel weights) of the FP ONNX model."""
+                        method: str = "minmax", op_types: list[str] | None = None) -> Path:
+    """ORT's own static W8A8 (QDQ, per-channel weights) of the FP ONNX model. ``op_types`` None is
+    ORT's default (every op type it can quantize: also Mul/Add/Concat/…, which puts the timestep
+    itself and the sinusoidal embedding's inputs on an 8-bit grid); ``["Conv", "MatMul", "Gemm"]``
+    quantizes what stepq's presets quantize."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -101,7 +104,7 @@ def ort_quantize_static(fp_path: str | Path, out_path: str | Path, calibration: 
             src = Path(fp_path)
         quantize_static(str(src), str(out_path), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method],
+                        calibrate_method=methods[method], op_types_to_quantize=op_types,
                         extra_options={"CalibPercentile": 99.99} if method == "percentile" else {})
     return Path(out_path)
 

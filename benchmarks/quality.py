@@ -120,10 +120,11 @@ def _fp_onnx(ctx: Context) -> Path:
     return ctx.cache["fp_onnx"]
 
 
-def ort_row(method: str) -> Row:
+def ort_row(method: str, op_types: list[str] | None = None) -> Row:
     def build(ctx: Context) -> tuple[Callable[..., Any], int]:
-        out = ort_quantize_static(_fp_onnx(ctx), ctx.workdir / f"{ctx.name}_ort_{method}.onnx", ctx.calibration,
-                                  method=method)
+        tag = method + ("_gemm" if op_types else "")
+        out = ort_quantize_static(_fp_onnx(ctx), ctx.workdir / f"{ctx.name}_ort_{tag}.onnx", ctx.calibration,
+                                  method=method, op_types=op_types)
         return OrtDenoiser(out), out.stat().st_size
 
     return build
@@ -150,6 +151,9 @@ ROWS: dict[str, Row] = {
     "stepq w4a4": stepq_row("w4a4"),
     "ORT quantize_static minmax": ort_row("minmax"),
     "ORT quantize_static percentile": ort_row("percentile"),
+    # the same, quantizing only what stepq quantizes (ORT's default also quantizes Mul/Add/…)
+    "ORT quantize_static minmax, Conv/MatMul/Gemm": ort_row("minmax", ["Conv", "MatMul", "Gemm"]),
+    "ORT quantize_static percentile, Conv/MatMul/Gemm": ort_row("percentile", ["Conv", "MatMul", "Gemm"]),
     "PT2E W8A8 (torchao)": _pt2e,
 }
 
