@@ -141,7 +141,28 @@ def _pt2e(ctx: Context) -> tuple[Callable[..., Any], int]:
         which = "xnnpack"
     ctx.cache["pt2e_quantizer"] = which
     tensors = {id(t): t for t in list(gm.state_dict().values()) + [v for v in vars(gm).values() if isinstance(v, torch.Tensor)]}
-    return gm, sum(t.numel() * t.element_size() for t in tensors.values())
+    return _Chunked(gm, _batch_size(ctx.example)), sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _batch_size(inputs: dict[str, Any]) -> int:
+    return next(int(v.shape[0]) for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() >= 1)
+
+
+class _Chunked:
+    """Calls ``fn`` on batch slices of at most ``size``: torch.export's Dim.AUTO (used for PT2E) guards
+    the batch to the range it saw at capture (``sample.size()[0] <= 63`` for a calibration batch of 32)."""
+
+    def __init__(self, fn: Callable[..., Any], size: int):
+        self.fn, self.size = fn, size
+
+    def __call__(self, **kw: Any) -> tuple[torch.Tensor]:
+        from stepq.samplers import model_output
+
+        n = _batch_size(kw)
+        outs = [model_output(self.fn(**{k: v[i:i + self.size] if isinstance(v, torch.Tensor) and v.dim() >= 1
+                                        and v.shape[0] == n else v for k, v in kw.items()}))
+                for i in range(0, n, self.size)]
+        return (torch.cat(outs),)
 
 
 ROWS: dict[str, Row] = {
@@ -230,8 +251,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 for sampler in args.samplers:
                     kind, steps, eta = SAMPLERS[sampler]
                     t1 = time.perf_counter()
-                    images, labels = zoo.generate(denoiser, entry, args.n, num_inference_steps=steps, scheduler=kind,
-                                                  seed=args.seed, eta=eta)
+                    try:
+                        if config == "fp32" and sampler in fp_samples:  # cached by an earlier run
+                            images, labels = fp_samples[sampler], _labels(entry, args)
+                        else:
+                            images, labels = zoo.generate(denoiser, entry, args.n, num_inference_steps=steps,
+                                                          scheduler=kind, seed=args.seed, eta=eta)
+                    except Exception as e:  # a peer that cannot sample fails its row, not the run
+                        print(f"  {config}: FAILED to sample ({sampler}): {type(e).__name__}: {str(e)[:200]}",
+                              flush=True)
+                        rows.append({"model": short, "config": config, "sampler": sampler,
+                                     "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                        continue
                     if config == "fp32":
                         fp_samples[sampler] = images
                         _save_fp_cache(args, short, sampler, images)
@@ -251,8 +282,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                           f"{nbytes / 1e6:.2f} MB  ({row['sample_s']}s)", flush=True)
                     safe = config.replace(" ", "_").replace("(", "").replace(")", "")
                     metrics.save_grid(images[:100], grid_dir / f"{short}_{sampler}_{safe}.png", nrow=10)
+                    write_results(rows, args, floor, noise_fd, args.n, quiet=True)  # a crash loses nothing
     write_results(rows, args, floor, noise_fd, args.n)
     return rows
+
+
+def _labels(entry: zoo.ZooEntry, args: argparse.Namespace) -> torch.Tensor | None:
+    """The labels ``zoo.generate`` draws for (n, seed), without sampling (after the initial noise)."""
+    if entry.conditions is None:
+        return None
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.randn((args.n, *entry.sample_shape), generator=gen)
+    return entry.conditions(args.n, gen)["class_labels"]
 
 
 def _fp_cache_path(args: argparse.Namespace, short: str, sampler: str) -> Path:
@@ -297,7 +338,8 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
-def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, floor: float, noise_fd: float, n: int) -> None:
+def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, floor: float, noise_fd: float, n: int,
+                  quiet: bool = False) -> None:
     out = Path(args.out)
     if args.merge:
         rows = _merge(rows, out.with_suffix(".json"))
@@ -322,7 +364,8 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, floor: f
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"floor": floor, "noise_fd": noise_fd, "n": n, "rows": rows}, indent=1))
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
