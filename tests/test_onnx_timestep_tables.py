@@ -97,3 +97,25 @@ def test_error_policy_model_still_exports_and_clamps(tmp_path):
     with pytest.raises(stepq.TimestepRangeError):
         qm(**x)
     assert torch.isfinite(om(**x)).all()  # ONNX cannot raise: it clamps (docs/ONNX.md)
+
+
+def test_fitted_tdq_on_a_diffusers_dit_exports_and_matches_the_reference(tmp_path):
+    """diffusers' DiT calls block 0's timestep embedder twice; each call has its own fitted table."""
+    from stepq.calibration import collect
+    from stepq.compiler import meta
+    from stepq.compiler.specs import TDQConfig
+    from stepq.testing.families import FAMILIES
+
+    f = FAMILIES["dit"]
+    m = f.model()
+    data = list(collect(m, f.scheduler(), num_samples=2, num_inference_steps=6, make_inputs=f.make_inputs,
+                        conditions=f.conditions, sample_shape=f.sample_shape, channels=f.channels, progress=False))
+    recipe = stepq.get_preset("w8a8-tdq").replace(tdq=TDQConfig(fit_steps=5, fit_batch=2))
+    qm = stepq.quantize(m, data[0], recipe, calibration=data, progress=False)
+    tables = qm.program.state[meta.STATE_TIMESTEP_TABLES]
+    assert any(name.endswith(".input_call2") for name in tables)
+    qm.export_onnx(tmp_path / "dit_tdq.onnx")
+    om = sx.load(tmp_path / "dit_tdq.onnx", threads=1)
+    for t in (980.0, 500.0, 30.0):
+        x = f.example_inputs(2, t, seed=3)
+        assert rel_l2(om(**x)[0], qm(**x)[0]) <= 1e-2

@@ -126,7 +126,7 @@ def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        curve.append(float(loss))
+        curve.append(float(loss.detach()))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{curve[-1]:.4g}")
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
