@@ -12,11 +12,11 @@ schedulers and score them with the digit classifier (``stepq.metrics``):
 All configurations are calibrated on the same data: the inputs the FP model's denoiser sees along
 ``--calib-samples`` DDIM trajectories of 50 steps (another seed than the evaluation).
 
-    python benchmarks/quality.py                          # the full table (both models, 1000 samples)
+    python benchmarks/quality.py --models ddpm --out docs/results/quality_ddpm   # one model's table, 1000 samples
     python benchmarks/quality.py --models ddpm --n 200 --configs fp32 "stepq w8a8"
     python benchmarks/quality.py --configs "ONNX stepq w8a8-tdq" --merge   # the ONNX model in ORT
 
-Writes docs/results/quality.md (and .json) and PNG grids of FP vs quantized samples.
+Writes ``--out``.md and .json (default docs/results/quality) and PNG grids of FP vs quantized samples.
 """
 
 from __future__ import annotations
