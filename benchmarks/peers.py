@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ class OrtDenoiser:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
                                             disabled_optimizers=disabled_optimizers or [])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
+        # what stepq.samplers.default_make_inputs reads to name the sample argument (hidden_states for a DiT)
+        self.signature = types.SimpleNamespace(params=[(name, None) for name in self.inputs])
 
     def feeds(self, kwargs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         out = {}

@@ -154,6 +154,7 @@ class _Chunked:
 
     def __init__(self, fn: Callable[..., Any], size: int):
         self.fn, self.size = fn, size
+        self.forward = getattr(fn, "forward", fn)  # its parameter names tell the sampler how to call it
 
     def __call__(self, **kw: Any) -> tuple[torch.Tensor]:
         from stepq.samplers import model_output
