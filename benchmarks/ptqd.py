@@ -101,6 +101,15 @@ def _stats_summary(qm: stepq.QuantizedModel) -> dict[str, Any]:
     return out
 
 
+def _save(fig: Any, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
+
+
 def _plots(name: str, stats: dict[str, dict[str, Any]], mps: dict[str, ptqd.MixedPrecision],
            out_dir: Path) -> list[str]:
     import matplotlib
@@ -119,11 +128,7 @@ def _plots(name: str, stats: dict[str, dict[str, Any]], mps: dict[str, ptqd.Mixe
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = out_dir / f"ptqd_{name}_k_sigma.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    files.append(p.name)
+    files.append(_save(fig, out_dir / f"ptqd_{name}_k_sigma.png"))
     for base, mp in mps.items():
         fig, ax = plt.subplots(figsize=(7, 4))
         t = torch.arange(mp.snr_f.numel())
@@ -139,11 +144,7 @@ def _plots(name: str, stats: dict[str, dict[str, Any]], mps: dict[str, ptqd.Mixe
                title=f"{name} {base}: step-aware activation bits")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        p = out_dir / f"ptqd_{name}_{base}_snr_bits.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        files.append(p.name)
+        files.append(_save(fig, out_dir / f"ptqd_{name}_{base}_snr_bits.png"))
     return files
 
 

@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(f"{name}: {len(calib)} calibration batches ({calib.num_samples} denoiser inputs) in "
                   f"{time.perf_counter() - t0:.1f}s", flush=True)
             ctx = Context(name, model, entry, calib, example, Path(tmp))
-            fp_samples: dict[str, torch.Tensor] = _load_fp_cache(args, short)
+            fp_cache = _load_fp_cache(args, short)  # sampler -> (images, labels)
+            fp_samples: dict[str, torch.Tensor] = {k: v[0] for k, v in fp_cache.items()}
             for config in args.configs:
                 t0 = time.perf_counter()
                 try:
@@ -253,8 +254,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     kind, steps, eta = SAMPLERS[sampler]
                     t1 = time.perf_counter()
                     try:
-                        if config == "fp32" and sampler in fp_samples:  # cached by an earlier run
-                            images, labels = fp_samples[sampler], _labels(entry, args)
+                        if config == "fp32" and sampler in fp_cache:  # cached by an earlier run
+                            images, labels = fp_cache[sampler]
                         else:
                             images, labels = zoo.generate(denoiser, entry, args.n, num_inference_steps=steps,
                                                           scheduler=kind, seed=args.seed, eta=eta)
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         continue
                     if config == "fp32":
                         fp_samples[sampler] = images
-                        _save_fp_cache(args, short, sampler, images)
+                        _save_fp_cache(args, short, sampler, images, labels)
                     row = {
                         "model": short, "config": config, "sampler": sampler,
                         "fd": metrics.fd(images, test_x, classifier),
@@ -288,36 +289,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def _labels(entry: zoo.ZooEntry, args: argparse.Namespace) -> torch.Tensor | None:
-    """The labels ``zoo.generate`` draws for (n, seed), without sampling (after the initial noise)."""
-    if entry.conditions is None:
-        return None
-    gen = torch.Generator().manual_seed(args.seed)
-    torch.randn((args.n, *entry.sample_shape), generator=gen)
-    return entry.conditions(args.n, gen)["class_labels"]
-
-
 def _fp_cache_path(args: argparse.Namespace, short: str, sampler: str) -> Path:
     return Path(args.cache_dir) / f"{short}_{sampler}_n{args.n}_seed{args.seed}.safetensors"
 
 
-def _load_fp_cache(args: argparse.Namespace, short: str) -> dict[str, torch.Tensor]:
+def _load_fp_cache(args: argparse.Namespace, short: str) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     from safetensors.torch import load_file
 
     out = {}
     for sampler in args.samplers:
         p = _fp_cache_path(args, short, sampler)
         if p.is_file():
-            out[sampler] = load_file(p)["images"]
+            saved = load_file(p)
+            out[sampler] = (saved["images"], saved.get("labels"))
     return out
 
 
-def _save_fp_cache(args: argparse.Namespace, short: str, sampler: str, images: torch.Tensor) -> None:
+def _save_fp_cache(args: argparse.Namespace, short: str, sampler: str, images: torch.Tensor,
+                   labels: torch.Tensor | None) -> None:
     from safetensors.torch import save_file
 
     p = _fp_cache_path(args, short, sampler)
     p.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"images": images.contiguous()}, str(p))
+    save_file({"images": images.contiguous()} | ({} if labels is None else {"labels": labels.contiguous()}), str(p))
 
 
 def _merge(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
