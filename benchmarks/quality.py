@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                           f"{'-' if row['accuracy'] is None else format(row['accuracy'], '.3f')}  PSNR "
                           f"{'-' if row['psnr_vs_fp'] is None else format(row['psnr_vs_fp'], '.2f')}  "
                           f"{nbytes / 1e6:.2f} MB  ({row['sample_s']}s)", flush=True)
-                    safe = config.replace(" ", "_").replace("(", "").replace(")", "")
+                    safe = re.sub(r"[^A-Za-z0-9.+-]+", "_", config).strip("_")  # "Conv/MatMul" is no folder
                     metrics.save_grid(images[:100], grid_dir / f"{short}_{sampler}_{safe}.png", nrow=10)
                     write_results(rows, args, floor, noise_fd, args.n, quiet=True)  # a crash loses nothing
     write_results(rows, args, floor, noise_fd, args.n)
