@@ -60,7 +60,7 @@ VARIANTS: dict[str, tuple[str, tuple[bool, bool, bool] | None]] = {
 }
 RESULTS = Path("docs/results")
 #: mixed-precision bases: the paper's rule (SNR^Q > SNR^F) and stricter ones (``mixed-mM``: SNR^Q > M·SNR^F)
-MIXED = ("mixed", "mixed-m10", "mixed-m100")
+MIXED = ("mixed", "mixed-m10", "mixed-m100", "mixed-m1000")
 
 
 def _configs(names: list[str]) -> list[tuple[str, str, tuple[bool, bool, bool] | None]]:

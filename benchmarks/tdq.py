@@ -50,10 +50,14 @@ def part_table(n: int, models: list[str], bits: list[str], samplers: list[str], 
                   "--out", str(OUT / "tdq_table"), "--grids", str(OUT / "grids_tdq"), "--merge"])
 
 
-def part_steps(n: int, models: list[str]) -> None:
-    quality.main(["--models", *models, "--configs", "fp32", "stepq w4a4", "stepq w4a4-tdq", "stepq w8a4",
-                  "stepq w8a4-tdq", "--samplers", "ddim100", "ddim50", "ddim20", "ddim10", "--n", str(n),
-                  "--out", str(OUT / "tdq_steps"), "--grids", str(OUT / "grids_tdq_steps"), "--merge"])
+STEP_CONFIGS = ["fp32", "stepq w4a4", "stepq w4a4-tdq", "stepq w4a4-qat", "stepq w4a4-tdq-qat"]
+
+
+def part_steps(n: int, models: list[str], configs: list[str] | None = None) -> None:
+    """Calibrate or train once per configuration, then sample DDIM at 100, 50, 20 and 10 steps."""
+    quality.main(["--models", *models, "--configs", *(configs or STEP_CONFIGS), "--samplers", "ddim100", "ddim50",
+                  "ddim20", "ddim10", "--n", str(n), "--out", str(OUT / "tdq_steps"),
+                  "--grids", str(OUT / "grids_tdq_steps"), "--merge"])
 
 
 def _calibrated(name: str, recipe: str) -> tuple[Any, Any, stepq.QuantizedModel]:
@@ -138,10 +142,11 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", default=["w8a8", "w8a4", "w4a8", "w4a4"], help="table: the bit-widths")
     ap.add_argument("--samplers", nargs="+", default=["ddim20", "ddpm100"], help="table: the samplers")
     ap.add_argument("--no-qat", action="store_true", help="table: leave out the QAT rows")
+    ap.add_argument("--configs", nargs="+", default=None, help=f"steps: the rows (default {STEP_CONFIGS})")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     for part in args.parts:
-        {"table": lambda: part_table(args.n, args.models, args.bits, args.samplers, not args.no_qat), "steps": lambda: part_steps(args.n, args.models),
+        {"table": lambda: part_table(args.n, args.models, args.bits, args.samplers, not args.no_qat), "steps": lambda: part_steps(args.n, args.models, args.configs),
          "overhead": lambda: part_overhead(args.models), "plots": lambda: part_plots(args.models)}[part]()
 
 

@@ -202,3 +202,28 @@ def test_a_module_called_twice_gets_one_quantizer_per_call_and_converts_with_tdq
     # the two calls see different ranges, so they got different static steps (and tables)
     assert not torch.equal(tables["shared.input"].scale, tables["shared.input_call2"].scale)
     torch.testing.assert_close(qm(**x), before, rtol=1e-4, atol=1e-4)
+
+
+def test_output_objective_fit_lowers_the_end_to_end_error():
+    m = _TimeScaled().eval()
+    data = _ts_data()
+    val = merge_batches(_ts_data(n=6, seed=1), "sample")
+    with torch.no_grad():
+        ref = m(**val)
+
+    def output_error(qm):
+        with torch.no_grad():
+            return float(((qm(**val) - ref) ** 2).mean() / ref.pow(2).mean())
+
+    static = stepq.quantize(m, data[0], "w8a4", calibration=data, progress=False)
+    recipe = _recipe("mlp").replace(tdq=TDQConfig(fit_steps=300, fit_batch=4, fit_objective="output"))
+    prog = stepq.calibrate(stepq.prepare(stepq.capture(m, data[0]), recipe), data, progress=False)
+    curve = prog.state[STATE_FIT_CURVE]
+    assert len(curve) == 300 and sum(curve[-10:]) < sum(curve[:10])
+    # at timesteps the fit never saw, against the FP model (not the program's own float path)
+    assert output_error(stepq.convert(prog)) < 0.8 * output_error(static)
+
+
+def test_unknown_fit_objective_is_a_recipe_error():
+    with pytest.raises(stepq.RecipeError, match="fit_objective"):
+        TDQConfig(fit_objective="block")

@@ -113,7 +113,7 @@ def calibrate(prog: Program, data: Iterable[Any], *, max_batches: int | None = N
         cfg = recipe.tdq
         prog.state[STATE_FIT_CURVE] = fit_scale_source(
             prog, kept, steps=cfg.fit_steps, lr=cfg.fit_lr, batch=cfg.fit_batch, rows=cfg.fit_rows, seed=cfg.seed,
-            time_budget_s=cfg.time_budget_s, progress=progress)
+            time_budget_s=cfg.time_budget_s, objective=cfg.fit_objective, progress=progress)
     prog.advance("calibrated")
     return prog
 

@@ -1,6 +1,6 @@
-"""Layer-wise reconstruction: fit the activation step sizes (TDQ generators, free tables) in PTQ.
+"""Reconstruction: fit the activation step sizes (TDQ generators, free tables) in PTQ.
 
-For every quantized op C (Linear / Conv) whose input is an activation quantizer Q_l, on calibration
+``objective="layer"`` (layer-wise reconstruction): for every quantized op C (Linear / Conv) whose input is an activation quantizer Q_l, on calibration
 inputs drawn from real sampler trajectories (many timesteps in one mini-batch):
 
     L = Σ_C ‖C(Q_l(x; s_l(t)), Ŵ) − C(x, W)‖² / ‖C(x, W)‖²
@@ -9,6 +9,16 @@ where x is the op's input in the floating-point model (errors do not accumulate 
 all layers are fitted at once), Ŵ its quantized weight, W its float weight, and s_l(t) comes from the
 scale source (per sample). Gradients reach s_l through the LSQ/STE formula of ``stepq::fake_quant``.
 Only the scale source's parameters are trained (Adam); the weights are fixed.
+
+``objective="output"`` (network-output reconstruction): the quantized model's whole output against
+the floating-point model's on the same calibration inputs,
+
+    L = ‖ε̂_q(x_t, t; s(t)) − ε_fp(x_t, t)‖² / ‖ε_fp(x_t, t)‖²
+
+with the gradient passing every quantizer by the STE. Errors do accumulate here, which is the
+point: a step size is judged by what it does to the prediction the sampler uses, not to its own
+layer. It needs no training data (the FP model is the teacher) and costs one quantized forward
+and backward per step.
 """
 
 from __future__ import annotations
@@ -78,6 +88,24 @@ class _LayerwiseLoss(torch.fx.Interpreter):
         return out
 
 
+class _FloatForward(torch.fx.Interpreter):
+    """The program with every quantizer bypassed: the floating-point teacher."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.target is ops.FAKE_QUANT:
+            return self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
+        return super().run_node(n)
+
+
+def _relative_error(student: Any, teacher: Any) -> torch.Tensor:
+    """Mean over the floating-point output leaves of ‖y − y_ref‖² / ‖y_ref‖²."""
+    pairs = [(y, r) for y, r in zip(torch.utils._pytree.tree_leaves(student), torch.utils._pytree.tree_leaves(teacher))
+             if isinstance(y, torch.Tensor) and y.is_floating_point()]
+    if not pairs:
+        raise PreconditionError("fit_scale_source: the program has no floating-point output to reconstruct")
+    return torch.stack([((y - r) ** 2).mean() / (r.pow(2).mean() + 1e-12) for y, r in pairs]).mean()
+
+
 def _rows(item: Mapping[str, Any], batch_key: str, rows: int, rng: random.Random) -> dict[str, Any]:
     """``rows`` random samples of one calibration item (tensors sliced along the batch)."""
     b = item[batch_key].shape[0]
@@ -91,13 +119,16 @@ def _rows(item: Mapping[str, Any], batch_key: str, rows: int, rng: random.Random
 @torch.enable_grad()
 def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps: int, lr: float, batch: int = 8,
                      rows: int = 4, seed: int = 0, time_budget_s: float | None = None,
-                     progress: bool = True) -> list[float]:
-    """Fit ``prog``'s activation scale source by layer-wise reconstruction; returns the loss curve.
+                     objective: str = "layer", progress: bool = True) -> list[float]:
+    """Fit ``prog``'s activation scale source by reconstruction (``objective``: "layer" or "output",
+    see the module doc); returns the loss curve.
 
     Each step draws ``batch`` calibration items (each one step of a trajectory batch) at random and
     ``rows`` samples of each, so one mini-batch of ``batch·rows`` samples spans ``batch`` timesteps.
     """
     gm = prog.gm
+    if objective not in ("layer", "output"):
+        raise PreconditionError(f"fit_scale_source: objective must be 'layer' or 'output', got {objective!r}")
     if not hasattr(gm, SCALE_SOURCE):
         raise PreconditionError("fit_scale_source: the program has no scale source (insert_scale_source)")
     items = list(data)
@@ -118,11 +149,16 @@ def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps:
     for step in bar:
         chosen = [_rows(bound[rng.randrange(len(bound))], batch_key, rows, rng) for _ in range(batch)]
         flat = prog.flat_inputs((), merge_batches(chosen, batch_key))
-        interp = _LayerwiseLoss(gm)
-        interp.run(*flat)
-        if not interp.losses:
-            raise PreconditionError("fit_scale_source: no quantized op reads an activation quantizer")
-        loss = torch.stack(interp.losses).mean()
+        if objective == "output":
+            with torch.no_grad():
+                teacher = _FloatForward(gm).run(*flat)
+            loss = _relative_error(gm(*flat), teacher)
+        else:
+            interp = _LayerwiseLoss(gm)
+            interp.run(*flat)
+            if not interp.losses:
+                raise PreconditionError("fit_scale_source: no quantized op reads an activation quantizer")
+            loss = torch.stack(interp.losses).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

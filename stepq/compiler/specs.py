@@ -333,7 +333,9 @@ class TDQConfig(_Section):
     step and are frozen into a length-T table at convert time. In PTQ (no ``Recipe.qat``) they are fit
     after calibration by layer-wise output reconstruction for ``fit_steps`` Adam steps; a step takes
     ``fit_rows`` random samples from each of ``fit_batch`` random calibration batches (so one step
-    sees ``fit_batch`` timesteps).
+    sees ``fit_batch`` timesteps). ``fit_objective`` is what the fit reconstructs: each quantized
+    layer's output from FP inputs (``"layer"``) or the whole network's output (``"output"``, the
+    FP model as teacher, gradients through every quantizer by the STE).
     """
 
     method: Literal["mlp", "table"] = "mlp"
@@ -344,6 +346,7 @@ class TDQConfig(_Section):
     fit_lr: float = 5e-3
     fit_batch: int = 8
     fit_rows: int = 4
+    fit_objective: Literal["layer", "output"] = "layer"
     time_budget_s: float | None = None
     seed: int = 0
 
@@ -357,6 +360,8 @@ class TDQConfig(_Section):
         _check(self.fit_lr > 0, f"TDQConfig.fit_lr must be > 0, got {self.fit_lr}")
         _check(self.fit_batch >= 1, f"TDQConfig.fit_batch must be >= 1, got {self.fit_batch}")
         _check(self.fit_rows >= 1, f"TDQConfig.fit_rows must be >= 1, got {self.fit_rows}")
+        _check(self.fit_objective in ("layer", "output"),
+               f"TDQConfig.fit_objective must be 'layer' or 'output', got {self.fit_objective!r}")
 
 
 
