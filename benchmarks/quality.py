@@ -323,7 +323,8 @@ def _merge(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
     new = {key(r) for r in rows}
     old = [r for r in json.loads(path.read_text())["rows"] if key(r) not in new]
     order = {"ddpm": 0, "dit": 1}
-    return sorted(old + rows, key=lambda r: order.get(r["model"], 2))  # stable: run order within a model
+    # stable: FP first, then run order within a model
+    return sorted(old + rows, key=lambda r: (order.get(r["model"], 2), r["config"] != "fp32"))
 
 
 def _fmt(v: Any, spec: str) -> str:
