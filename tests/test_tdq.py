@@ -48,7 +48,8 @@ def _ts_data(n=12, batch=8, seed=0):
 def _recipe(method, steps=150, bits=4):
     base = stepq.get_preset(f"w8a{bits}")
     lr = 5e-3 if method == "mlp" else 2e-2  # a free table entry sees only its own timestep's samples
-    return base.replace(name=f"t-{method}", tdq=TDQConfig(method=method, fit_steps=steps, fit_lr=lr, fit_batch=4))
+    return base.replace(name=f"t-{method}", tdq=TDQConfig(method=method, fit_steps=steps, fit_lr=lr, fit_batch=4,
+                                                          fit_objective="layer"))
 
 
 def test_generators_start_at_the_static_scale_and_freeze_to_their_outputs():

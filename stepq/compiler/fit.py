@@ -119,7 +119,7 @@ def _rows(item: Mapping[str, Any], batch_key: str, rows: int, rng: random.Random
 @torch.enable_grad()
 def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps: int, lr: float, batch: int = 8,
                      rows: int = 4, seed: int = 0, time_budget_s: float | None = None,
-                     objective: str = "layer", progress: bool = True) -> list[float]:
+                     objective: str = "output", progress: bool = True) -> list[float]:
     """Fit ``prog``'s activation scale source by reconstruction (``objective``: "layer" or "output",
     see the module doc); returns the loss curve.
 

@@ -333,9 +333,10 @@ class TDQConfig(_Section):
     step and are frozen into a length-T table at convert time. In PTQ (no ``Recipe.qat``) they are fit
     after calibration by layer-wise output reconstruction for ``fit_steps`` Adam steps; a step takes
     ``fit_rows`` random samples from each of ``fit_batch`` random calibration batches (so one step
-    sees ``fit_batch`` timesteps). ``fit_objective`` is what the fit reconstructs: each quantized
-    layer's output from FP inputs (``"layer"``) or the whole network's output (``"output"``, the
-    FP model as teacher, gradients through every quantizer by the STE).
+    sees ``fit_batch`` timesteps). ``fit_objective`` is what the fit reconstructs: the whole
+    network's output (``"output"``, the default: the FP model as teacher, gradients through every
+    quantizer by the STE) or each quantized layer's output from FP inputs (``"layer"``; on the
+    digits models it made TDQ worse than static steps, see docs/TDQ.md).
     """
 
     method: Literal["mlp", "table"] = "mlp"
@@ -346,7 +347,7 @@ class TDQConfig(_Section):
     fit_lr: float = 5e-3
     fit_batch: int = 8
     fit_rows: int = 4
-    fit_objective: Literal["layer", "output"] = "layer"
+    fit_objective: Literal["layer", "output"] = "output"
     time_budget_s: float | None = None
     seed: int = 0
 
