@@ -1,7 +1,10 @@
 """Reconstruction: fit the activation step sizes (TDQ generators, free tables) in PTQ.
 
-``objective="layer"`` (layer-wise reconstruction): for every quantized op C (Linear / Conv) whose input is an activation quantizer Q_l, on calibration
-inputs drawn from real sampler trajectories (many timesteps in one mini-batch):
+``objective="output"`` (the default) and ``objective="layer"``, both on calibration inputs drawn from
+real sampler trajectories (many timesteps in one mini-batch).
+
+``objective="layer"`` (layer-wise reconstruction): for every quantized op C (Linear / Conv) whose
+input is an activation quantizer Q_l,
 
     L = Σ_C ‖C(Q_l(x; s_l(t)), Ŵ) − C(x, W)‖² / ‖C(x, W)‖²
 
@@ -17,8 +20,9 @@ the floating-point model's on the same calibration inputs,
 
 with the gradient passing every quantizer by the STE. Errors do accumulate here, which is the
 point: a step size is judged by what it does to the prediction the sampler uses, not to its own
-layer. It needs no training data (the FP model is the teacher) and costs one quantized forward
-and backward per step.
+layer (on the digits models the layer objective made TDQ worse than static steps, this one better).
+The teacher is the program itself with every quantizer bypassed, so no training data and no second
+model are needed; a step costs one float forward and one quantized forward and backward.
 """
 
 from __future__ import annotations

@@ -331,7 +331,7 @@ class TDQConfig(_Section):
     periods up to ``t_max``). ``method="table"``: the baseline without a generator, one free step size
     per training timestep (unvisited timesteps interpolated). Both start from the calibrated static
     step and are frozen into a length-T table at convert time. In PTQ (no ``Recipe.qat``) they are fit
-    after calibration by layer-wise output reconstruction for ``fit_steps`` Adam steps; a step takes
+    after calibration by reconstruction (``fit_objective``) for ``fit_steps`` Adam steps; a step takes
     ``fit_rows`` random samples from each of ``fit_batch`` random calibration batches (so one step
     sees ``fit_batch`` timesteps). ``fit_objective`` is what the fit reconstructs: the whole
     network's output (``"output"``, the default: the FP model as teacher, gradients through every
