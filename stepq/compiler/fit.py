@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import CalibrationError, PreconditionError
 from stepq.compiler.program import Program
+from stepq.compiler.report import run_without_quantizers
 from stepq.passes.insert_scale_source import SCALE_SOURCE
 
 __all__ = ["fit_scale_source", "merge_batches"]
@@ -90,15 +91,6 @@ class _LayerwiseLoss(torch.fx.Interpreter):
                 ref = out.detach()
                 self.losses.append(((y - ref) ** 2).mean() / (ref.pow(2).mean() + 1e-12))
         return out
-
-
-class _FloatForward(torch.fx.Interpreter):
-    """The program with every quantizer bypassed: the floating-point teacher."""
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        if n.target is ops.FAKE_QUANT:
-            return self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
-        return super().run_node(n)
 
 
 def _relative_error(student: Any, teacher: Any) -> torch.Tensor:
@@ -154,9 +146,7 @@ def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps:
         chosen = [_rows(bound[rng.randrange(len(bound))], batch_key, rows, rng) for _ in range(batch)]
         flat = prog.flat_inputs((), merge_batches(chosen, batch_key))
         if objective == "output":
-            with torch.no_grad():
-                teacher = _FloatForward(gm).run(*flat)
-            loss = _relative_error(gm(*flat), teacher)
+            loss = _relative_error(gm(*flat), run_without_quantizers(gm, *flat))
         else:
             interp = _LayerwiseLoss(gm)
             interp.run(*flat)

@@ -61,6 +61,12 @@ class _Probe(torch.fx.Interpreter):
 
 
 @torch.no_grad()
+def run_without_quantizers(gm: torch.fx.GraphModule, *flat: Any) -> Any:
+    """The graph's outputs with every quantizer an identity: the program's own floating-point path."""
+    return _Probe(gm, set(), bypass=True).run(*flat)
+
+
+@torch.no_grad()
 def collect_layer_outputs(prog: Program, batch: Mapping[str, Any], names: set[str], *, bypass: bool
                           ) -> dict[str, torch.Tensor]:
     probe = _Probe(prog.gm, names, bypass)
