@@ -151,3 +151,69 @@ def test_drop_in_model_for_make_denoiser(exported):
     ref = make_denoiser(qm)(x, t)
     out = make_denoiser(om)(x, t)
     assert out.shape == ref.shape and rel_l2(out, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+def test_direct_and_torch_onnx_translators_agree(tmp_path, kind):
+    qm = _qm(kind)
+    direct = qm.export_onnx(tmp_path / "direct.onnx", translator="direct")
+    legacy = qm.export_onnx(tmp_path / "legacy.onnx", translator="torch.onnx")
+    assert (direct.translator, legacy.translator) == ("direct", "torch.onnx")
+    assert "torch_export_s" not in direct.stages and "torch_export_s" in legacy.stages
+    kd, kl = sx.count_kernels(tmp_path / "direct.onnx"), sx.count_kernels(tmp_path / "legacy.onnx")
+    assert kd.integer == kl.integer and kd.integer["MatMulIntegerToFloat"] == len(qm.quantized_layers())
+    assert kd.quantized_in_float == []
+    md, ml = sx.load(tmp_path / "direct.onnx", threads=1), sx.load(tmp_path / "legacy.onnx", threads=1)
+    for t in (999, 400, 3):
+        x = denoiser_inputs(3, [t] * 3, seed=t)
+        a, b = md(**x), ml(**x)
+        assert rel_l2(a, b) <= 1e-6, f"t={t}"
+
+
+def test_auto_falls_back_to_torch_onnx(tmp_path, monkeypatch, caplog):
+    from stepq.backends.onnx import direct
+
+    def refuse(gm, *, opset):
+        raise direct.DirectTranslationError("node 'x' (aten.made_up) has no translation")
+
+    monkeypatch.setattr(direct, "translate", refuse)
+    qm = _qm("dit")
+    with caplog.at_level("WARNING"):
+        res = qm.export_onnx(tmp_path / "m.onnx")
+    assert res.translator == "torch.onnx" and "aten.made_up" in caplog.text
+    x = denoiser_inputs(2, [500, 500], seed=1)
+    assert rel_l2(sx.load(tmp_path / "m.onnx", threads=1)(**x), qm(**x)) <= 1e-2
+    with pytest.raises(sx.OnnxExportError, match="aten.made_up"):
+        qm.export_onnx(tmp_path / "n.onnx", translator="direct")
+    with pytest.raises(ValueError, match="translator"):
+        qm.export_onnx(tmp_path / "n.onnx", translator="onnx")
+
+
+def _copy_graph(later_reader: bool) -> torch.fx.GraphModule:
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    mean = g.call_function(torch.ops.aten.mean.dim, (x, [1], True))
+    add = g.call_function(torch.ops.aten.add.Tensor, (mean, 1e-6))
+    cp = g.call_function(torch.ops.aten.copy_.default, (mean, add))
+    out = g.call_function(torch.ops.aten.rsqrt.default, (cp,))
+    if later_reader:
+        out = g.call_function(torch.ops.aten.mul.Tensor, (out, mean))
+    g.output(out)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    for n, v in zip([x, mean, add, cp], [torch.empty(2, 5)] + [torch.empty(2, 1)] * 3):
+        n.meta["val"] = v
+    return gm
+
+
+@pytest.mark.parametrize("later_reader", [False, True])
+def test_in_place_copies_become_functional_only_when_safe(later_reader):
+    from stepq.backends.onnx.direct import _functionalize_copies
+
+    gm = _copy_graph(later_reader)
+    x = torch.rand(2, 5) + 0.5
+    want = gm(x.clone())
+    assert _functionalize_copies(gm) == (0 if later_reader else 1)
+    gm.recompile()
+    left = [n for n in gm.graph.nodes if n.target is torch.ops.aten.copy_.default]
+    assert len(left) == (1 if later_reader else 0)
+    torch.testing.assert_close(gm(x.clone()), want)
