@@ -91,7 +91,11 @@ def _fill_meta(gm: torch.fx.GraphModule) -> None:
                 raise DirectTranslationError(f"get_attr node {node.name!r} ({node.target}) is not a tensor")
             # a real tensor: the translator turns it into an initializer holding these bytes
             node.meta["val"] = value.detach()
-        elif node.op == "call_function" and "val" not in node.meta:
+        elif node.op == "call_function" and "nn_module_stack" not in node.meta:
+            # nodes the passes inserted: the module of the layer they feed (ONNX node metadata)
+            stacks = [u.meta["nn_module_stack"] for u in node.users if "nn_module_stack" in u.meta]
+            node.meta["nn_module_stack"] = stacks[0] if stacks else {}
+        if node.op == "call_function" and "val" not in node.meta:
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), fake_of)
             try:
                 with fake_mode:
