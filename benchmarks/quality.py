@@ -131,18 +131,35 @@ def ort_row(method: str, op_types: list[str] | None = None) -> Row:
     return build
 
 
+def _float_timestep(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.float() if k == "timestep" and isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
 def _pt2e(ctx: Context) -> tuple[Callable[..., Any], int]:
+    """PT2E W8A8, X86InductorQuantizer. On diffusers' UNet2DModel its histogram observer fails on the
+    integer timestep (``timesteps * torch.ones(...)`` is annotated and observed as Long); the UNet takes
+    a float timestep, so the model is then captured, calibrated and called with a float32 timestep
+    (the same values). The XNNPACK-style quantizer is the last resort."""
+    cast = False
     try:
         gm = pt2e_w8a8(ctx.model, ctx.example, ctx.calibration, quantizer="x86")
         which = "x86"
     except Exception as e:
         print(f"  PT2E X86InductorQuantizer failed on {ctx.name} ({type(e).__name__}: {str(e)[:80]}); "
-              "using the XNNPACK-style quantizer", flush=True)
-        gm = pt2e_w8a8(ctx.model, ctx.example, ctx.calibration, quantizer="xnnpack")
-        which = "xnnpack"
+              "retrying with a float32 timestep", flush=True)
+        try:
+            gm = pt2e_w8a8(ctx.model, _float_timestep(ctx.example), [_float_timestep(c) for c in ctx.calibration],
+                           quantizer="x86")
+            which, cast = "x86, float timestep", True
+        except Exception as e2:
+            print(f"  failed again ({type(e2).__name__}: {str(e2)[:80]}); using the XNNPACK-style quantizer",
+                  flush=True)
+            gm = pt2e_w8a8(ctx.model, ctx.example, ctx.calibration, quantizer="xnnpack")
+            which = "xnnpack"
     ctx.cache["pt2e_quantizer"] = which
     tensors = {id(t): t for t in list(gm.state_dict().values()) + [v for v in vars(gm).values() if isinstance(v, torch.Tensor)]}
-    return _Chunked(gm, _batch_size(ctx.example)), sum(t.numel() * t.element_size() for t in tensors.values())
+    return _Chunked(gm, _batch_size(ctx.example), cast_timestep=cast), sum(
+        t.numel() * t.element_size() for t in tensors.values())
 
 
 def _batch_size(inputs: dict[str, Any]) -> int:
@@ -153,14 +170,16 @@ class _Chunked:
     """Calls ``fn`` on batch slices of at most ``size``: torch.export's Dim.AUTO (used for PT2E) guards
     the batch to the range it saw at capture (``sample.size()[0] <= 63`` for a calibration batch of 32)."""
 
-    def __init__(self, fn: Callable[..., Any], size: int):
-        self.fn, self.size = fn, size
+    def __init__(self, fn: Callable[..., Any], size: int, cast_timestep: bool = False):
+        self.fn, self.size, self.cast = fn, size, cast_timestep
         self.forward = getattr(fn, "forward", fn)  # its parameter names tell the sampler how to call it
 
     def __call__(self, **kw: Any) -> tuple[torch.Tensor]:
         from stepq.samplers import model_output
 
         n = _batch_size(kw)
+        if self.cast:
+            kw = _float_timestep(kw)
         outs = [model_output(self.fn(**{k: v[i:i + self.size] if isinstance(v, torch.Tensor) and v.dim() >= 1
                                         and v.shape[0] == n else v for k, v in kw.items()}))
                 for i in range(0, n, self.size)]
