@@ -11,7 +11,7 @@ from torch import nn
 
 import stepq
 from stepq.compiler import meta, ops
-from stepq.compiler.api import STATE_FIT_CURVE
+from stepq.compiler.api import STATE_FIT_CURVE, resolve_recipe
 from stepq.compiler.fit import _LayerwiseLoss, merge_batches
 from stepq.compiler.pass_manager import run_passes
 from stepq.compiler.qat import denoising_batches, make_trainable, train_qat
@@ -228,3 +228,20 @@ def test_output_objective_fit_lowers_the_end_to_end_error():
 def test_unknown_fit_objective_is_a_recipe_error():
     with pytest.raises(stepq.RecipeError, match="fit_objective"):
         TDQConfig(fit_objective="block")
+
+
+def test_output_objective_fit_takes_nested_inputs():
+    """PixArt's ``added_cond_kwargs`` dict: the program's call has more leaves than ``forward`` has
+    parameters, so the quantized side of the output objective must be called with the call's structure."""
+    from stepq.backends.onnx.evaluation import get_case
+
+    case = get_case("pixart")
+    calib = [case.inputs(2, t, i) for i, t in enumerate((900, 500, 100))]
+    recipe = resolve_recipe("w8a8-tdq").replace(
+        tdq=TDQConfig(fit_steps=4, fit_batch=2, fit_objective="output"))
+    prog = stepq.prepare(stepq.capture(case.model, calib[0]), recipe)
+    assert len(prog.flat_inputs((), calib[0])) > len(prog.signature.captured)
+    stepq.calibrate(prog, calib, progress=False)
+    assert len(prog.state[STATE_FIT_CURVE]) == 4
+    x = case.inputs(2, 300, 7)
+    assert torch.isfinite(stepq.convert(prog)(**x)[0]).all()

@@ -144,9 +144,11 @@ def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps:
     bar = tqdm(range(steps), desc="fit scales", disable=not progress, leave=False)
     for step in bar:
         chosen = [_rows(bound[rng.randrange(len(bound))], batch_key, rows, rng) for _ in range(batch)]
-        flat = prog.flat_inputs((), merge_batches(chosen, batch_key))
+        merged = merge_batches(chosen, batch_key)
+        flat = prog.flat_inputs((), merged)
         if objective == "output":
-            loss = _relative_error(gm(*flat), run_without_quantizers(gm, *flat))
+            # the graph module takes the call's own structure (nested inputs: PixArt's added_cond_kwargs)
+            loss = _relative_error(prog(**merged), run_without_quantizers(gm, *flat))
         else:
             interp = _LayerwiseLoss(gm)
             interp.run(*flat)
