@@ -21,6 +21,7 @@ node translator is a private torch API (``torch.onnx._internal.exporter._core``)
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 from typing import Any
@@ -46,6 +47,8 @@ class DirectTranslationError(StepqError):
     """The lowered graph has a node the direct translator cannot take (torch.onnx's path still can)."""
 
 
+#: what torch.onnx's ``remove_assertion_nodes`` drops (it walks every submodule as a GraphModule, which
+#: ``ep.module()``'s plain container modules are not, so the set is applied to the root graph here).
 _ASSERTIONS = {
     torch.ops.aten.sym_constrain_range_for_size.default,
     torch.ops.aten._assert_async.default,
@@ -55,8 +58,11 @@ _ASSERTIONS = {
 }
 
 
+@functools.cache
 def registry(opset: int) -> _registration.ONNXRegistry:
-    """torchlib's registry at ``opset`` with stepq's translation table on top (as torch.onnx.export builds it)."""
+    """torchlib's registry at ``opset`` with stepq's translation table on top (as torch.onnx.export builds it).
+
+    Built once per opset (≈ 2 s: torchlib's import and schema conversion) and only read afterwards."""
     reg = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
     for torch_op, onnx_fn in TRANSLATION_TABLE.items():
         reg.register_op(torch_op, onnx_fn, is_complex=False)
@@ -220,15 +226,13 @@ def translate(gm: torch.fx.GraphModule, *, opset: int) -> ir.Model:
     node's values. Initializers are named after the parameter / buffer path.
     """
     _fill_meta(gm)
-    reg = registry(opset)
-    _functionalize_copies(gm)
-    n_decomposed = _decompose_unregistered(gm, reg)
-    if n_decomposed:
-        _functionalize_copies(gm)
-    log.debug("direct translation: %d node(s) decomposed", n_decomposed)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _ASSERTIONS:
             gm.graph.erase_node(node)
+    reg = registry(opset)
+    n_decomposed = _decompose_unregistered(gm, reg)
+    n_copies = _functionalize_copies(gm)  # the captured graph's and the decompositions' in-place copies
+    log.debug("direct translation: %d node(s) decomposed, %d copy_ made functional", n_decomposed, n_copies)
     try:
         _fx_passes.InsertTypePromotion(gm).run()
     except Exception as e:
