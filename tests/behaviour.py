@@ -1,0 +1,75 @@
+"""The behaviour lock: reference-backend outputs of both shipped digits models for every preset.
+
+``compute(name)`` compiles the digits model ``name`` with every registered preset (TDQ fits and QAT
+shortened to a few steps, no wall-clock budget, so the result does not depend on the machine's load)
+on a fixed calibration set, and returns each compiled model's outputs at fixed inputs. The outputs
+were recorded before the compiler was reshaped (``scripts/record_behaviour.py`` writes
+``tests/data/behaviour_<name>.safetensors``); ``tests/test_behaviour.py`` asserts that today's code
+reproduces them bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+import stepq
+from stepq import zoo
+from stepq.calibration import collect
+from stepq.data import load_digits_images
+from stepq.samplers import default_make_inputs
+
+DATA = Path(__file__).parent / "data"
+MODELS = ("digits-ddpm", "digits-dit")
+
+
+def path(name: str) -> Path:
+    return DATA / f"behaviour_{name}.safetensors"
+
+
+def _short(recipe: stepq.Recipe) -> stepq.Recipe:
+    if recipe.tdq is not None:
+        recipe = recipe.replace(tdq=recipe.tdq.replace(fit_steps=3, time_budget_s=None))
+    if recipe.qat is not None:
+        recipe = recipe.replace(qat=dataclasses.replace(recipe.qat, steps=2, batch_size=8))
+    return recipe
+
+
+def _train(model, entry, batch_size: int, seed: int):
+    try:
+        from stepq.methods.qat import denoising_batches
+    except ImportError:  # the layout before the reshape (when the outputs were recorded)
+        from stepq.compiler.qat import denoising_batches  # type: ignore[no-redef]
+
+    x0, y = load_digits_images("train")
+    cond = {"class_labels": y} if entry.conditions is not None else None
+    drop = ("class_labels", entry.null_class, 0.1) if cond else None
+    return denoising_batches(x0, entry.scheduler, default_make_inputs(model), batch_size=batch_size, cond=cond,
+                             cond_dropout=drop, seed=seed)
+
+
+@torch.no_grad()
+def _outputs(qm, probes) -> torch.Tensor:
+    return torch.cat([qm(**p)[0] for p in probes])
+
+
+def compute(name: str, presets: list[str] | None = None) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = zoo.load(name)
+    entry = zoo.entry(name)
+    calib = collect(model, entry.make_scheduler("ddim"), num_samples=4, num_inference_steps=8, seed=1234, eta=0.0,
+                    conditions=entry.conditions, uncond=entry.uncond, guidance_scale=entry.guidance_scale,
+                    progress=False)
+    probes = [calib[i] for i in (0, len(calib) // 2, len(calib) - 1)]
+    out = {}
+    for preset in presets if presets is not None else stepq.preset_names():
+        recipe = _short(stepq.get_preset(preset))
+        if recipe.ptqd is not None and entry.conditions is not None:
+            recipe = recipe.replace(ptqd=dataclasses.replace(recipe.ptqd, guidance_scale=entry.guidance_scale))
+        train = _train(model, entry, recipe.qat.batch_size, recipe.qat.seed) if recipe.qat is not None else None
+        torch.manual_seed(0)
+        qm = stepq.quantize(model, calib[0], recipe, calibration=calib, train_data=train, progress=False)
+        out[preset] = _outputs(qm, probes)
+    return out
