@@ -8,7 +8,7 @@
 
 ``OrtDenoiser`` wraps an ``InferenceSession`` so that it can be called like the PyTorch model
 (keyword arguments, non-tensor ones ignored) and returns a one-element tuple, which is what
-``stepq.samplers.make_denoiser`` expects.
+``stepq.calibration.samplers.make_denoiser`` expects.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class OrtDenoiser:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
                                             disabled_optimizers=disabled_optimizers or [])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
-        # what stepq.samplers.default_make_inputs reads to name the sample argument (hidden_states for a DiT)
+        # what stepq.calibration.samplers.default_make_inputs reads to name the sample argument (hidden_states for a DiT)
         self.signature = types.SimpleNamespace(params=[(name, None) for name in self.inputs])
 
     def feeds(self, kwargs: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -38,7 +38,6 @@ from safetensors.torch import load_file, save_file
 import stepq
 from stepq import metrics, ptqd, zoo
 from stepq.calibration import collect
-from stepq.compiler import meta
 from stepq.data import load_digits_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -87,7 +86,7 @@ def _config(cfg: stepq.PTQDConfig, base: str, flags: tuple[bool, bool, bool] | N
 
 
 def _stats_summary(qm: stepq.QuantizedModel) -> dict[str, Any]:
-    st: ptqd.PTQDStats = qm.program.state[meta.STATE_PTQD]
+    st: ptqd.PTQDStats = qm.program.state.ptqd
     v = st.visited
     out: dict[str, Any] = {
         "k_mean": float(st.k[v].mean()), "k_max": float(st.k[v].max()),
@@ -178,7 +177,7 @@ def run_model(short: str, args: argparse.Namespace, classifier: torch.nn.Module,
         print(f"  built {base} + statistics in {time.perf_counter() - t1:.0f}s; "
               f"k mean {result['stats'][base]['k_mean']:.4f}, σ_q mean {result['stats'][base]['sigma_mean']:.4f}",
               flush=True)
-    mps = {b: m.program.state[meta.STATE_PTQD_BITS] for b, m in models.items() if b.startswith("mixed")}
+    mps = {b: m.program.state.ptqd_bits for b, m in models.items() if b.startswith("mixed")}
     for base, mp in mps.items():
         costs = ptqd.layer_costs(models[base], calib[0])
         result["bops"][base] = {}

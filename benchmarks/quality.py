@@ -77,8 +77,8 @@ def _fp(ctx: Context) -> tuple[Callable[..., Any], int]:
 
 def train_batches(ctx: Context, batch_size: int, seed: int = 0):
     """Denoising-loss batches from the real digits training set (for QAT recipes)."""
-    from stepq.compiler.qat import denoising_batches
-    from stepq.samplers import default_make_inputs
+    from stepq.calibration.samplers import default_make_inputs
+    from stepq.methods.qat import denoising_batches
 
     x0, y = load_digits_images("train")
     cond = {"class_labels": y} if ctx.entry.conditions is not None else None
@@ -175,7 +175,7 @@ class _Chunked:
         self.forward = getattr(fn, "forward", fn)  # its parameter names tell the sampler how to call it
 
     def __call__(self, **kw: Any) -> tuple[torch.Tensor]:
-        from stepq.samplers import model_output
+        from stepq.calibration.samplers import model_output
 
         n = _batch_size(kw)
         if self.cast:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import stepq
 import stepq.backends.onnx as sx
-from stepq.backends.onnx.evaluation import attach_synthetic_tables
+from stepq.testing.onnx_cases import attach_synthetic_tables
 
 warnings.filterwarnings("ignore")
 

@@ -20,8 +20,8 @@ import torch
 
 import stepq
 from stepq.calibration import collect
-from stepq.compiler.report import sqnr_db
-from stepq.samplers import model_output
+from stepq.calibration.probe import sqnr_db
+from stepq.calibration.samplers import model_output
 from stepq.testing.families import FAMILIES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

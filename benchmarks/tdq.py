@@ -31,7 +31,6 @@ import torch
 
 import stepq
 from stepq import zoo
-from stepq.compiler import meta
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality
@@ -104,8 +103,8 @@ def part_plots(models: list[str]) -> dict[str, Any]:
     for short in models:
         name = f"digits-{short}"
         _, _, qm = _calibrated(name, "w4a4-tdq")
-        tables = qm.program.state[meta.STATE_TIMESTEP_TABLES]
-        stats = qm.program.state[meta.STATE_ACT_STATS]  # the calibration observers, per timestep
+        tables = qm.program.state.timestep_tables
+        stats = qm.program.state.activation_stats  # the calibration observers, per timestep
         rs = []
         for st in stats.values():
             ts = st.visited

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import behaviour  # noqa: E402
+import behaviour
 
 
 def main() -> None:

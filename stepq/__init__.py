@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging as _logging
 
-from stepq import ptqd
+from stepq.artifact.quantized_model import QuantizedModel, load
 from stepq.compiler import ops as _ops  # noqa: F401  - registers the stepq:: ops
 from stepq.compiler.api import calibrate, convert, prepare, quantize
-from stepq.compiler.artifact import load
 from stepq.compiler.capture import capture
 from stepq.compiler.errors import (
     ArtifactError,
@@ -25,10 +24,10 @@ from stepq.compiler.errors import (
     StepqError,
     TimestepRangeError,
 )
-from stepq.compiler.presets import get_preset, preset_names
 from stepq.compiler.program import Program
-from stepq.compiler.quantized_model import QuantizedModel
-from stepq.compiler.specs import (
+from stepq.methods import ptqd
+from stepq.recipe.presets import get_preset, preset_names
+from stepq.recipe.specs import (
     LayerRule,
     LayerSpec,
     MinMaxObserver,

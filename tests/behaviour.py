@@ -18,8 +18,8 @@ import torch
 import stepq
 from stepq import zoo
 from stepq.calibration import collect
+from stepq.calibration.samplers import default_make_inputs
 from stepq.data import load_digits_images
-from stepq.samplers import default_make_inputs
 
 DATA = Path(__file__).parent / "data"
 MODELS = ("digits-ddpm", "digits-dit")
@@ -41,7 +41,7 @@ def _train(model, entry, batch_size: int, seed: int):
     try:
         from stepq.methods.qat import denoising_batches
     except ImportError:  # the layout before the reshape (when the outputs were recorded)
-        from stepq.compiler.qat import denoising_batches  # type: ignore[no-redef]
+        from stepq.methods.qat import denoising_batches  # type: ignore[no-redef]
 
     x0, y = load_digits_images("train")
     cond = {"class_labels": y} if entry.conditions is not None else None
@@ -55,7 +55,8 @@ def _outputs(qm, probes) -> torch.Tensor:
     return torch.cat([qm(**p)[0] for p in probes])
 
 
-def compute(name: str, presets: list[str] | None = None) -> dict[str, torch.Tensor]:
+def setup(name: str) -> tuple:
+    """(model, zoo entry, calibration set, probe inputs) of the digits model ``name``."""
     torch.manual_seed(0)
     model = zoo.load(name)
     entry = zoo.entry(name)
@@ -63,13 +64,21 @@ def compute(name: str, presets: list[str] | None = None) -> dict[str, torch.Tens
                     conditions=entry.conditions, uncond=entry.uncond, guidance_scale=entry.guidance_scale,
                     progress=False)
     probes = [calib[i] for i in (0, len(calib) // 2, len(calib) - 1)]
-    out = {}
-    for preset in presets if presets is not None else stepq.preset_names():
-        recipe = _short(stepq.get_preset(preset))
-        if recipe.ptqd is not None and entry.conditions is not None:
-            recipe = recipe.replace(ptqd=dataclasses.replace(recipe.ptqd, guidance_scale=entry.guidance_scale))
-        train = _train(model, entry, recipe.qat.batch_size, recipe.qat.seed) if recipe.qat is not None else None
-        torch.manual_seed(0)
-        qm = stepq.quantize(model, calib[0], recipe, calibration=calib, train_data=train, progress=False)
-        out[preset] = _outputs(qm, probes)
-    return out
+    return model, entry, calib, probes
+
+
+def run_preset(ctx: tuple, preset: str) -> torch.Tensor:
+    """The outputs at the probe inputs of the digits model compiled with ``preset`` (shortened)."""
+    model, entry, calib, probes = ctx
+    recipe = _short(stepq.get_preset(preset))
+    if recipe.ptqd is not None and entry.conditions is not None:
+        recipe = recipe.replace(ptqd=dataclasses.replace(recipe.ptqd, guidance_scale=entry.guidance_scale))
+    train = _train(model, entry, recipe.qat.batch_size, recipe.qat.seed) if recipe.qat is not None else None
+    torch.manual_seed(0)
+    qm = stepq.quantize(model, calib[0], recipe, calibration=calib, train_data=train, progress=False)
+    return _outputs(qm, probes)
+
+
+def compute(name: str, presets: list[str] | None = None) -> dict[str, torch.Tensor]:
+    ctx = setup(name)
+    return {p: run_preset(ctx, p) for p in (presets if presets is not None else stepq.preset_names())}

@@ -9,7 +9,7 @@ import torch
 from helpers import calib_set, denoiser_inputs
 
 import stepq
-from stepq.compiler import artifact
+from stepq.artifact import store as artifact
 from stepq.testing.families import FAMILIES
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
 

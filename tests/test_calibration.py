@@ -108,5 +108,5 @@ def test_timestep_outside_the_table_raises_or_clamps_by_policy():
     recipe = stepq.get_preset("w8a8").replace(timestep_policy="clamp")
     prog = stepq.prepare(stepq.capture(m, x), recipe)
     stepq.calibrate(prog, [denoiser_inputs(2, (10, 1500))], progress=False)
-    st = prog.state["activation_stats"]["conv_in.input"]
+    st = prog.state.activation_stats["conv_in.input"]
     assert st.visited.tolist() == [10, 999]

@@ -7,8 +7,8 @@ import torch
 
 import stepq
 from stepq.calibration import collect
+from stepq.calibration.probe import sqnr_db
 from stepq.compiler import meta
-from stepq.compiler.report import sqnr_db
 from stepq.testing.families import FAMILIES
 
 pytestmark = pytest.mark.slow
@@ -32,6 +32,6 @@ def test_family_quantizes_with_w8a8(name):
     rows = qm.report(print_table=False)
     assert len(rows) == len(kinds) and all(r.sqnr_db is not None for r in rows)
     # one timestep table grid for all: flow-matching timesteps (t = 1000 first) land on it
-    st = qm.program.state[meta.STATE_ACT_STATS]
+    st = qm.program.state.activation_stats
     assert all(int(s.visited.max()) <= 999 for s in st.values())
     assert torch.isfinite(out).all()

@@ -13,10 +13,10 @@ from helpers import calib_set, denoiser_inputs
 import stepq
 import stepq.backends.onnx as sx
 from stepq.backends import UnsupportedNodesError
-from stepq.backends.onnx.evaluation import rel_l2
 from stepq.backends.onnx.lower import lower
 from stepq.backends.onnx.partition import OnnxPartitioner
-from stepq.compiler.presets import activation_spec
+from stepq.recipe.presets import activation_spec
+from stepq.testing.onnx_cases import rel_l2
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
 
 
@@ -142,7 +142,7 @@ def test_loader_rejects_foreign_models(tmp_path):
 
 
 def test_drop_in_model_for_make_denoiser(exported):
-    from stepq.samplers import make_denoiser
+    from stepq.calibration.samplers import make_denoiser
 
     qm, path, _, _, _ = exported
     om = sx.load(path, threads=1)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import stepq.backends.onnx as sx
-from stepq.backends.onnx.evaluation import available_cases, get_case, quantized_case, rel_l2
-from stepq.samplers import model_output
+from stepq.calibration.samplers import model_output
+from stepq.testing.onnx_cases import available_cases, get_case, quantized_case, rel_l2
 
 TIMESTEPS = (990, 500, 30)
 

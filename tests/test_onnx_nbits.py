@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 import stepq
 import stepq.backends.onnx as sx
 from stepq.backends.onnx import ops as onnx_ops
-from stepq.backends.onnx.evaluation import rel_l2
 from stepq.compiler import ops
+from stepq.testing.onnx_cases import rel_l2
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
 
 

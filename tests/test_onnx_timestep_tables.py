@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import stepq
 import stepq.backends.onnx as sx
-from stepq.backends.onnx.evaluation import attach_synthetic_tables, rel_l2
+from stepq.testing.onnx_cases import attach_synthetic_tables, rel_l2
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
 
 
@@ -102,8 +102,7 @@ def test_error_policy_model_still_exports_and_clamps(tmp_path):
 def test_fitted_tdq_on_a_diffusers_dit_exports_and_matches_the_reference(tmp_path):
     """diffusers' DiT calls block 0's timestep embedder twice; each call has its own fitted table."""
     from stepq.calibration import collect
-    from stepq.compiler import meta
-    from stepq.compiler.specs import TDQConfig
+    from stepq.recipe.specs import TDQConfig
     from stepq.testing.families import FAMILIES
 
     f = FAMILIES["dit"]
@@ -112,7 +111,7 @@ def test_fitted_tdq_on_a_diffusers_dit_exports_and_matches_the_reference(tmp_pat
                         conditions=f.conditions, sample_shape=f.sample_shape, channels=f.channels, progress=False))
     recipe = stepq.get_preset("w8a8-tdq").replace(tdq=TDQConfig(fit_steps=5, fit_batch=2))
     qm = stepq.quantize(m, data[0], recipe, calibration=data, progress=False)
-    tables = qm.program.state[meta.STATE_TIMESTEP_TABLES]
+    tables = qm.program.state.timestep_tables
     assert any(name.endswith(".input_call2") for name in tables)
     qm.export_onnx(tmp_path / "dit_tdq.onnx")
     om = sx.load(tmp_path / "dit_tdq.onnx", threads=1)

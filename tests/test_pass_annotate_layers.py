@@ -22,7 +22,7 @@ def test_roles_and_kinds_on_a_unet_like_model():
     prog = stepq.capture(m, {"sample": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([3, 4])})
     run_passes(prog, [CanonicalizeExport()])
     before = op_counts(prog.gm)
-    [(_, res)] = run_passes(prog, [AnnotateLayers(stepq.get_preset("w4a4"))])
+    res = run_passes(prog, [AnnotateLayers(stepq.get_preset("w4a4"))])[0].result
     layers = _annotated(prog)
     # 2 time linears + conv_in + 2 resblocks (conv1, time_proj, conv2, one skip) + attn (4 linears + sdpa)
     # + up resblock (conv1, time_proj, conv2, skip) + conv_out
@@ -49,13 +49,13 @@ def test_second_run_changes_nothing_and_graph_is_untouched():
     run_passes(prog, [CanonicalizeExport()])
     before = op_counts(prog.gm)
     recipe = stepq.get_preset("w8a8")
-    [(_, first)] = run_passes(prog, [AnnotateLayers(recipe)])
-    [(_, second)] = run_passes(prog, [AnnotateLayers(recipe)])
+    first = run_passes(prog, [AnnotateLayers(recipe)])[0].result
+    second = run_passes(prog, [AnnotateLayers(recipe)])[0].result
     assert first.count > 0 and second.count == 0
     assert op_counts(prog.gm) == before
     # a different recipe changes every decision it touches
     r2 = stepq.Recipe(name="all-float", default=None)
-    [(_, third)] = run_passes(prog, [AnnotateLayers(r2)])
+    third = run_passes(prog, [AnnotateLayers(r2)])[0].result
     assert third.count == first.count
 
 

@@ -11,11 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import stepq
+from stepq.calibration.probe import collect_layer_outputs
 from stepq.compiler import meta, ops
 from stepq.compiler.pass_manager import run_passes
-from stepq.compiler.report import collect_layer_outputs
+from stepq.compiler.state import TimestepTable
 from stepq.passes import AttachTimestepTables
-from stepq.passes.attach_timestep_tables import TimestepTable
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
 
 T = 1000
@@ -30,7 +30,7 @@ def _calibrated(kind="dit", recipe="w8a8"):
 def _random_tables(prog, seed=0):
     g = torch.Generator().manual_seed(seed)
     tables = {}
-    for name in prog.state[meta.STATE_ACT_STATS]:
+    for name in prog.state.activation_stats:
         tables[name] = TimestepTable(torch.rand(T, generator=g) * 0.1 + 0.01,
                                      torch.randint(0, 256, (T,), generator=g).float())
     return tables
@@ -40,8 +40,8 @@ def _random_tables(prog, seed=0):
 def attached():
     m, prog = _calibrated()
     tables = _random_tables(prog)
-    prog.state[meta.STATE_TIMESTEP_TABLES] = tables
-    [(_, res)] = run_passes(prog, [AttachTimestepTables()])
+    prog.state.timestep_tables = tables
+    res = run_passes(prog, [AttachTimestepTables()])[0].result
     return m, prog, tables, res
 
 
@@ -51,7 +51,7 @@ def test_counts_and_one_index_per_forward(attached):
     assert count(prog.gm, ops.TIMESTEP_INDEX) == 1
     assert count(prog.gm, torch.ops.aten.index.Tensor) == 2 * len(tables)
     fake_rerun(prog, denoiser_inputs(2, (1, 2)))
-    [(_, again)] = run_passes(prog, [AttachTimestepTables()])
+    again = run_passes(prog, [AttachTimestepTables()])[0].result
     assert again.count == 0
 
 
@@ -84,7 +84,7 @@ def test_out_of_range_timestep_raises_or_clamps(attached, caplog):
     _, prog2 = _calibrated()
     prog2.recipe = prog2.recipe.replace(timestep_policy="clamp")
     tables = _random_tables(prog2)
-    prog2.state[meta.STATE_TIMESTEP_TABLES] = tables
+    prog2.state.timestep_tables = tables
     run_passes(prog2, [AttachTimestepTables()])
     fq = next(n for n in prog2.gm.graph.nodes if n.meta.get(meta.QUANTIZER_ROLE) == "activation")
     with caplog.at_level(logging.WARNING):
@@ -95,8 +95,8 @@ def test_out_of_range_timestep_raises_or_clamps(attached, caplog):
 
 def test_wrong_length_table_raises():
     _, prog = _calibrated()
-    name = next(iter(prog.state[meta.STATE_ACT_STATS]))
-    prog.state[meta.STATE_TIMESTEP_TABLES] = {name: TimestepTable(torch.ones(500), torch.zeros(500))}
+    name = next(iter(prog.state.activation_stats))
+    prog.state.timestep_tables = {name: TimestepTable(torch.ones(500), torch.zeros(500))}
     with pytest.raises(stepq.PassError, match=r"has 500 entries; the recipe's num_train_timesteps is 1000"):
         run_passes(prog, [AttachTimestepTables()])
     with pytest.raises(ValueError, match="scales must be positive"):
@@ -106,7 +106,7 @@ def test_wrong_length_table_raises():
 def test_tables_survive_convert_save_and_load(tmp_path):
     m, prog = _calibrated()
     tables = _random_tables(prog, seed=3)
-    prog.state[meta.STATE_TIMESTEP_TABLES] = tables
+    prog.state.timestep_tables = tables
     qm = stepq.convert(prog)
     x = denoiser_inputs(2, (7, 700))
     qm.save(tmp_path / "m")

@@ -34,14 +34,14 @@ def test_rewrites_counted_and_numerics_kept():
     prog = stepq.capture(m, x)
     assert count(prog.gm, aten.squeeze.dim) == 2
     assert count(prog.gm, aten.dropout.default) == 1
-    [(name, res)] = run_passes(prog, [CanonicalizeExport()])
+    [(name, res)] = [(r.name, r.result) for r in run_passes(prog, [CanonicalizeExport()])]
     assert res.count == 3  # _guards_fn + the no-op squeeze + dropout
     assert count(prog.gm, aten.squeeze.dim) == 1
     assert count(prog.gm, aten.dropout.default) == 0
     assert not any(n.op == "call_module" for n in prog.gm.graph.nodes)
     assert torch.equal(prog(**x), m(**x))
     # idempotent
-    [(_, again)] = run_passes(prog, [CanonicalizeExport()])
+    again = run_passes(prog, [CanonicalizeExport()])[0].result
     assert not again.modified and again.count == 0
 
 

@@ -7,11 +7,11 @@ from helpers import calib_set, denoiser_inputs, fake_rerun, n_fake_quant, n_obse
 from torch import nn
 
 import stepq
+from stepq.calibration.probe import sqnr_db
 from stepq.compiler import meta, ops
 from stepq.compiler.pass_manager import run_passes
-from stepq.compiler.report import sqnr_db
-from stepq.compiler.specs import LayerRule, LayerSpec, PerGroup, QuantSpec, Recipe
 from stepq.passes import AnnotateLayers, CanonicalizeExport, InsertQuantizers
+from stepq.recipe.specs import LayerRule, LayerSpec, PerGroup, QuantSpec, Recipe
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
 
 
@@ -21,7 +21,7 @@ def _prepared(cfg, recipe):
     prog = stepq.capture(m, x)
     prog.recipe = recipe
     results = run_passes(prog, [CanonicalizeExport(), AnnotateLayers(recipe), InsertQuantizers()])
-    return m, x, prog, results[-1][1]
+    return m, x, prog, results[-1].result
 
 
 def test_counts_on_a_dit_like_model():
@@ -39,7 +39,7 @@ def test_counts_on_a_dit_like_model():
     # observers are identities: before calibration only the weights are quantized
     torch.testing.assert_close(prog(**x), m(**x), atol=5e-2, rtol=0)
     # idempotent
-    [(_, again)] = run_passes(prog, [InsertQuantizers()])
+    again = run_passes(prog, [InsertQuantizers()])[0].result
     assert again.count == 0
 
 

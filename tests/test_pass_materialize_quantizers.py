@@ -10,8 +10,8 @@ import stepq
 from stepq.compiler import meta
 from stepq.compiler.graph_utils import fetch_attr
 from stepq.compiler.pass_manager import run_passes
-from stepq.compiler.specs import LayerSpec, MinMaxObserver, QuantSpec, Recipe
 from stepq.passes import MaterializeQuantizers
+from stepq.recipe.specs import LayerSpec, MinMaxObserver, QuantSpec, Recipe
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
 
 
@@ -55,12 +55,12 @@ def test_minmax_scales_match_the_ranges_seen_by_the_fp_model():
             checked += 1
     assert checked >= 10
     # statistics are kept, per timestep too
-    stats = prog.state[meta.STATE_ACT_STATS]
+    stats = prog.state.activation_stats
     assert len(stats) == n_obs
     st = stats["conv_in.input"]
     assert st.visited.numel() == 12
     # a second run finds nothing to do
-    [(_, again)] = run_passes(prog, [MaterializeQuantizers()])
+    again = run_passes(prog, [MaterializeQuantizers()])[0].result
     assert again.count == 0
 
 
@@ -70,7 +70,7 @@ def test_per_timestep_statistics_are_exact():
     prog = stepq.prepare(stepq.capture(m, denoiser_inputs(2, (1, 2))), Recipe(name="a", default=LayerSpec(activation=a8)))
     x = denoiser_inputs(4, (10, 10, 500, 999), seed=3)
     stepq.calibrate(prog, [x], progress=False)
-    st = prog.state[meta.STATE_ACT_STATS]["patch.input"]
+    st = prog.state.activation_stats["patch.input"]
     assert st.visited.tolist() == [10, 500, 999]
     s = x["sample"]
     assert float(st.min[10]) == float(s[:2].min()) and float(st.max[10]) == float(s[:2].max())

@@ -42,7 +42,7 @@ def test_converted_model_equals_calibrated_program_bitwise(recipe, bits):
     # io layers stay 8-bit by rule
     assert has_attr(gm, "patch.weight_int8") and has_attr(gm, "out.weight_int8")
     # idempotent
-    [(_, again)] = run_passes(qm.program, [QuantizeWeights()])
+    again = run_passes(qm.program, [QuantizeWeights()])[0].result
     assert again.count == 0
 
 

@@ -8,12 +8,11 @@ from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 from helpers import calib_set, denoiser_inputs
 
 import stepq
-from stepq import ptqd
 from stepq.calibration import collect
-from stepq.compiler import meta
+from stepq.calibration.samplers import make_denoiser, sample
 from stepq.compiler.errors import RecipeError
-from stepq.compiler.specs import PTQDConfig, Recipe
-from stepq.samplers import make_denoiser, sample
+from stepq.methods import ptqd
+from stepq.recipe.specs import PTQDConfig, Recipe
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
 
 
@@ -80,7 +79,7 @@ def test_apply_on_real_trajectories_corrects_the_error_and_samples_with_the_wrap
     data = collect(model, sched, num_samples=2, num_inference_steps=12, seed=2, **kw)
     plain = stepq.quantize(model, calib[0], "w4a4", calibration=calib, progress=False)
     qm = ptqd.apply(ptqd.copy_model(plain), model, data, config=PTQDConfig(), scheduler=sched)
-    stats = qm.program.state[meta.STATE_PTQD]
+    stats = qm.program.state.ptqd
     assert int(stats.visited.sum()) == 12 and stats.normality is not None
     # on the measured inputs, the corrected prediction is closer to the FP one than the raw one
     err_plain = err_corr = 0.0
@@ -110,7 +109,7 @@ def test_quantize_runs_ptqd_for_ptqd_recipes():
     m = build_random_denoiser(RandomDenoiserConfig(kind="dit", depth=1))
     data = calib_set(3)
     qm = stepq.quantize(m, data[0], "w4a8-ptqd", calibration=data, progress=False)
-    assert meta.STATE_PTQD in qm.program.state and meta.STATE_PTQD_BITS not in qm.program.state
+    assert qm.program.state.has('ptqd') and not qm.program.state.has('ptqd_bits')
     assert qm.program.history[-1] == "correct_noise"
     x = denoiser_inputs(2, (10, 900))
     assert torch.isfinite(qm(**x)).all()

@@ -8,9 +8,9 @@ import torch
 from helpers import calib_set, denoiser_inputs
 
 import stepq
-from stepq import ptqd
 from stepq.backends import onnx as ort_backend
-from stepq.ptqd.onnx import export_mixed
+from stepq.backends.onnx.mixed import export_mixed
+from stepq.methods import ptqd
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
 
 

@@ -10,15 +10,15 @@ from helpers import calib_set, count, denoiser_inputs, fake_rerun
 from torch import nn
 
 import stepq
+from stepq.calibration.qparams import activation_qparams
 from stepq.compiler import meta, ops
 from stepq.compiler.graph_utils import has_attr
 from stepq.compiler.pass_manager import run_passes
-from stepq.compiler.qparams import activation_qparams
-from stepq.compiler.specs import PTQDConfig, TDQConfig
+from stepq.methods.ptqd import MixedPrecision, PTQDStats, copy_model, set_bits, specialize
 from stepq.passes import CorrectNoise, SelectBits
 from stepq.passes.correct_noise import BIAS_TABLE, K_TABLE
 from stepq.passes.select_bits import BITS_TABLE
-from stepq.ptqd import MixedPrecision, PTQDStats, copy_model, set_bits, specialize
+from stepq.recipe.specs import PTQDConfig, TDQConfig
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
 
 aten = torch.ops.aten
@@ -50,14 +50,14 @@ def test_correct_noise_is_the_identity_without_statistics():
     ref = qm(**x)
     before = {op: count(qm.gm, op) for op in (aten.index.Tensor, aten.div.Tensor, aten.sub.Tensor)}
     corrected = _with_ptqd(qm)
-    [(_, res)] = run_passes(corrected.program, [CorrectNoise()])
+    res = run_passes(corrected.program, [CorrectNoise()])[0].result
     assert res.count == 1
     assert {op: count(corrected.gm, op) - n for op, n in before.items()} == {
         aten.index.Tensor: 2, aten.div.Tensor: 1, aten.sub.Tensor: 1}
     assert count(corrected.gm, ops.TIMESTEP_INDEX) == 1
     assert torch.equal(corrected(**x), ref)  # (y − 0) / (1 + 0) is y, bit for bit
     fake_rerun(corrected.program, x)
-    [(_, again)] = run_passes(corrected.program, [CorrectNoise()])
+    again = run_passes(corrected.program, [CorrectNoise()])[0].result
     assert again.count == 0
 
 
@@ -69,7 +69,7 @@ def test_correct_noise_applies_the_tables_per_sample(flags):
     g = torch.Generator().manual_seed(0)
     k, b = torch.rand(T, generator=g) * 0.5, torch.randn(T, 4, generator=g) * 0.1
     corrected = _with_ptqd(qm, **flags)
-    corrected.program.state[meta.STATE_PTQD] = _stats(k, b)
+    corrected.program.state.ptqd = _stats(k, b)
     run_passes(corrected.program, [CorrectNoise()])
     t = x["timestep"]
     kk = k[t] if flags.get("correlated", True) else torch.zeros(3)
@@ -77,10 +77,10 @@ def test_correct_noise_applies_the_tables_per_sample(flags):
     expected = (y - bb[:, :, None, None]) / (1 + kk[:, None, None, None])
     torch.testing.assert_close(corrected(**x), expected)
     # new statistics update the buffers: one rewrite, then none
-    corrected.program.state[meta.STATE_PTQD] = _stats(k * 0, b * 0)
-    [(_, res)] = run_passes(corrected.program, [CorrectNoise()])
+    corrected.program.state.ptqd = _stats(k * 0, b * 0)
+    res = run_passes(corrected.program, [CorrectNoise()])[0].result
     assert res.count == 1 and torch.equal(corrected(**x), y)
-    assert run_passes(corrected.program, [CorrectNoise()])[0][1].count == 0
+    assert run_passes(corrected.program, [CorrectNoise()])[0].result.count == 0
 
 
 class _LearnedSigma(nn.Module):
@@ -101,7 +101,7 @@ def test_correct_noise_leaves_learned_variance_channels_alone():
     y = qm(**x)
     k, b = torch.full((T,), 0.25), torch.full((T, 4), 0.1)
     corrected = _with_ptqd(qm)
-    corrected.program.state[meta.STATE_PTQD] = _stats(k, b)
+    corrected.program.state.ptqd = _stats(k, b)
     run_passes(corrected.program, [CorrectNoise()])
     out = corrected(**x)
     assert out.shape == (2, 8, 8, 8)
@@ -134,12 +134,12 @@ def test_select_bits_switches_each_sample_to_the_single_width_model(kind):
     torch.testing.assert_close(mixed(**x), a4(**x), rtol=1e-5, atol=1e-5)
     set_bits(mixed, 8)
     table = torch.where(torch.arange(T) < 500, 4, 8)
-    mixed.program.state[meta.STATE_PTQD_BITS] = SimpleNamespace(table=table)
-    [(_, res)] = run_passes(mixed.program, [SelectBits()])
+    mixed.program.state.ptqd_bits = SimpleNamespace(table=table)
+    res = run_passes(mixed.program, [SelectBits()])[0].result
     # the table, and the 4-bit scales recalibrated on the steps that now run at 4 bits (t < 500)
     assert 1 < res.count <= 1 + len(where)
     q4 = where[0].args[1]
-    st = mixed.program.state[meta.STATE_ACT_STATS][where[0].meta[meta.ACT_QUANTIZER]]
+    st = mixed.program.state.activation_stats[where[0].meta[meta.ACT_QUANTIZER]]
     seen = [t for t in range(500) if t in st.per_timestep]
     vals = torch.cat([st.samples_at(t) for t in seen])
     s_ref, z_ref = activation_qparams(vals, float(st.min[seen].min()), float(st.max[seen].max()), q4.meta[meta.QSPEC])
@@ -156,8 +156,8 @@ def test_select_bits_switches_each_sample_to_the_single_width_model(kind):
     set_bits(mixed, 4)
     torch.testing.assert_close(mixed(**x), s4(**x), rtol=0, atol=0)
     fake_rerun(mixed.program, x)
-    assert run_passes(mixed.program, [SelectBits()])[0][1].count == 1  # the state's table is written back
-    assert run_passes(mixed.program, [SelectBits()])[0][1].count == 0
+    assert run_passes(mixed.program, [SelectBits()])[0].result.count == 1  # the state's table is written back
+    assert run_passes(mixed.program, [SelectBits()])[0].result.count == 0
 
 
 def test_select_bits_on_tdq_tables_gathers_a_table_per_width():
@@ -179,11 +179,11 @@ def test_ptqd_state_and_tables_round_trip_through_save_and_load(tmp_path):
     m = build_random_denoiser(RandomDenoiserConfig(kind="unet", depth=1))
     data = calib_set(4)
     qm = stepq.quantize(m, data[0], "mixed-ptqd", calibration=data, progress=False)
-    stats, mp = qm.program.state[meta.STATE_PTQD], qm.program.state[meta.STATE_PTQD_BITS]
+    stats, mp = qm.program.state.ptqd, qm.program.state.ptqd_bits
     assert isinstance(mp, MixedPrecision) and stats.normality is not None
     qm.save(tmp_path / "m")
     back = stepq.load(tmp_path / "m")
-    s2, mp2 = back.program.state[meta.STATE_PTQD], back.program.state[meta.STATE_PTQD_BITS]
+    s2, mp2 = back.program.state.ptqd, back.program.state.ptqd_bits
     for name, t in stats.tensors().items():
         assert torch.equal(s2.tensors()[name], t), name
     assert mp2.bits == mp.bits and torch.equal(mp2.table, mp.table) and torch.equal(mp2.snr_q, mp.snr_q)
@@ -193,4 +193,4 @@ def test_ptqd_state_and_tables_round_trip_through_save_and_load(tmp_path):
     for name in (K_TABLE, BIAS_TABLE, BITS_TABLE):
         assert torch.equal(back.gm.get_buffer(name), qm.gm.get_buffer(name))
     # the loaded program re-runs the passes without its calibration statistics: nothing to change
-    assert [r.count for _, r in run_passes(back.program, [SelectBits(), CorrectNoise()])] == [0, 0]
+    assert [r.result.count for r in run_passes(back.program, [SelectBits(), CorrectNoise()])] == [0, 0]

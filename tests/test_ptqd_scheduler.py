@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
-from stepq.ptqd import PTQDScheduler, UnsupportedSchedulerError
-from stepq.samplers import fresh_scheduler, sample
+from stepq.calibration.samplers import fresh_scheduler, sample
+from stepq.methods.ptqd import PTQDScheduler, UnsupportedSchedulerError
 
 DIGITS = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
           "prediction_type": "epsilon", "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0}

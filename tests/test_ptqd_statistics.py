@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stepq.compiler.errors import CalibrationError
-from stepq.ptqd import ErrorAccumulator, fill_table, measure
+from stepq.methods.ptqd import ErrorAccumulator, fill_table, measure
 
 T = 1000
 K = {100: 0.30, 500: 0.10, 900: -0.05}  # the last one is negative: clipped to 0

@@ -9,10 +9,10 @@ import torch
 from helpers import calib_set
 
 import stepq
+from stepq.calibration.probe import sqnr_db
 from stepq.compiler.pass_manager import PassResult, Skip, run_passes
 from stepq.compiler.pipeline import build_pipeline
-from stepq.compiler.report import sqnr_db
-from stepq.compiler.specs import Recipe
+from stepq.recipe.specs import Recipe
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
 
 

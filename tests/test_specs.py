@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import stepq
-from stepq.compiler.specs import (
+from stepq.recipe.specs import (
     LayerRule,
     LayerSpec,
     MinMaxObserver,

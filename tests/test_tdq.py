@@ -11,14 +11,14 @@ from torch import nn
 
 import stepq
 from stepq.compiler import meta, ops
-from stepq.compiler.api import STATE_FIT_CURVE, resolve_recipe
-from stepq.compiler.fit import _LayerwiseLoss, merge_batches
+from stepq.compiler.api import resolve_recipe
 from stepq.compiler.pass_manager import run_passes
-from stepq.compiler.qat import denoising_batches, make_trainable, train_qat
-from stepq.compiler.specs import TDQConfig
-from stepq.compiler.tdq import ScaleGenerators, ScaleTable, fourier_features, inverse_softplus
+from stepq.methods.qat import denoising_batches, make_trainable, train_qat
+from stepq.methods.tdq.fit import _LayerwiseLoss, merge_batches
+from stepq.methods.tdq.sources import ScaleGenerators, ScaleTable, fourier_features, inverse_softplus
 from stepq.passes import FreezeScaleSource, InsertScaleSource
 from stepq.passes.insert_scale_source import SCALE_SOURCE
+from stepq.recipe.specs import TDQConfig
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
 
 
@@ -91,7 +91,7 @@ def test_insert_and_freeze_scale_source(method):
     assert sum(1 for n in prog.gm.graph.nodes if n.op == "call_module" and n.target == SCALE_SOURCE) == 1
     assert count(prog.gm, ops.TIMESTEP_INDEX) == 1
     fake_rerun(prog, denoiser_inputs(2, (1, 2)))
-    [(_, again)] = run_passes(prog, [InsertScaleSource()])
+    again = run_passes(prog, [InsertScaleSource()])[0].result
     assert again.count == 0
     x = denoiser_inputs(3, (20, 500, 980), seed=2)
     before = prog(**x)
@@ -99,11 +99,11 @@ def test_insert_and_freeze_scale_source(method):
     assert qm.program.history[-3:] == ["freeze_scale_source", "attach_timestep_tables", "quantize_weights"]
     assert not any(n.op == "call_module" for n in qm.gm.graph.nodes)
     assert count(qm.gm, torch.ops.aten.index.Tensor) == 2 * n_act
-    tables = qm.program.state[meta.STATE_TIMESTEP_TABLES]
+    tables = qm.program.state.timestep_tables
     assert len(tables) == n_act and all(t.scale.numel() == 1000 for t in tables.values())
     # unfitted: every table row is the static scale, so the deployed model computes what the program did
     torch.testing.assert_close(qm(**x), before, rtol=1e-4, atol=1e-4)
-    [(_, again)] = run_passes(qm.program, [FreezeScaleSource()])
+    again = run_passes(qm.program, [FreezeScaleSource()])[0].result
     assert again.count == 0
 
 
@@ -123,7 +123,7 @@ def test_tdq_fit_beats_static_scales_when_activations_scale_with_t():
     losses = {"static": layer_loss(static)}
     for method in ("mlp", "table"):
         prog = stepq.calibrate(stepq.prepare(stepq.capture(m, data[0]), _recipe(method)), data, progress=False)
-        curve = prog.state[STATE_FIT_CURVE]
+        curve = prog.state.fit_curve
         assert len(curve) == 150 and curve[-1] < curve[0]
         qm = stepq.convert(prog)
         losses[method] = layer_loss(qm)
@@ -142,7 +142,7 @@ def test_lsq_gradient_scaling_and_qat_loop():
         prog = stepq.calibrate(stepq.prepare(stepq.capture(m, data[0]), recipe), data, progress=False)
         assert (SCALE_SOURCE in dict(prog.gm.named_children())) == (recipe.tdq is not None)
         # the TDQ fit is skipped for QAT recipes: training does it
-        assert STATE_FIT_CURVE not in prog.state
+        assert not prog.state.has('fit_curve')
         from diffusers import DDPMScheduler
 
         sched = DDPMScheduler()
@@ -198,7 +198,7 @@ def test_a_module_called_twice_gets_one_quantizer_per_call_and_converts_with_tdq
     x = _ts_data(2, batch=3, seed=5)[1]
     before = prog(**x)
     qm = stepq.convert(prog)
-    tables = qm.program.state[meta.STATE_TIMESTEP_TABLES]
+    tables = qm.program.state.timestep_tables
     assert sorted(tables) == sorted(names)
     # the two calls see different ranges, so they got different static steps (and tables)
     assert not torch.equal(tables["shared.input"].scale, tables["shared.input_call2"].scale)
@@ -219,7 +219,7 @@ def test_output_objective_fit_lowers_the_end_to_end_error():
     static = stepq.quantize(m, data[0], "w8a4", calibration=data, progress=False)
     recipe = _recipe("mlp").replace(tdq=TDQConfig(fit_steps=300, fit_batch=4, fit_objective="output"))
     prog = stepq.calibrate(stepq.prepare(stepq.capture(m, data[0]), recipe), data, progress=False)
-    curve = prog.state[STATE_FIT_CURVE]
+    curve = prog.state.fit_curve
     assert len(curve) == 300 and sum(curve[-10:]) < sum(curve[:10])
     # at timesteps the fit never saw, against the FP model (not the program's own float path)
     assert output_error(stepq.convert(prog)) < 0.8 * output_error(static)
@@ -233,7 +233,7 @@ def test_unknown_fit_objective_is_a_recipe_error():
 def test_output_objective_fit_takes_nested_inputs():
     """PixArt's ``added_cond_kwargs`` dict: the program's call has more leaves than ``forward`` has
     parameters, so the quantized side of the output objective must be called with the call's structure."""
-    from stepq.backends.onnx.evaluation import get_case
+    from stepq.testing.onnx_cases import get_case
 
     case = get_case("pixart")
     calib = [case.inputs(2, t, i) for i, t in enumerate((900, 500, 100))]
@@ -242,6 +242,6 @@ def test_output_objective_fit_takes_nested_inputs():
     prog = stepq.prepare(stepq.capture(case.model, calib[0]), recipe)
     assert len(prog.flat_inputs((), calib[0])) > len(prog.signature.captured)
     stepq.calibrate(prog, calib, progress=False)
-    assert len(prog.state[STATE_FIT_CURVE]) == 4
+    assert len(prog.state.fit_curve) == 4
     x = case.inputs(2, 300, 7)
     assert torch.isfinite(stepq.convert(prog)(**x)[0]).all()

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import copy
 
+from stepq.artifact.quantized_model import QuantizedModel
 from stepq.backends.base import Partitioner, PartitionResult, Placement
 from stepq.compiler import ops
-from stepq.compiler.quantized_model import QuantizedModel
 
 __all__ = ["TABLE", "load", "partition"]
 

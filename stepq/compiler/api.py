@@ -10,26 +10,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from stepq.compiler import meta
+from stepq.artifact.quantized_model import QuantizedModel
+from stepq.artifact.report import layer_reports
 from stepq.compiler.capture import capture
 from stepq.compiler.errors import CalibrationError, PreconditionError, RecipeError
-from stepq.compiler.fit import fit_scale_source
 from stepq.compiler.pass_manager import run_passes
 from stepq.compiler.pipeline import build_calibration_pipeline, build_convert_pipeline, build_pipeline
-from stepq.compiler.presets import get_preset
 from stepq.compiler.program import Program
-from stepq.compiler.qat import train_qat
-from stepq.compiler.quantized_model import STATE_REPORT, QuantizedModel
-from stepq.compiler.report import layer_reports
-from stepq.compiler.specs import Recipe
+from stepq.methods.qat import train_qat
+from stepq.methods.tdq.fit import fit_scale_source
 from stepq.passes.materialize_quantizers import observer_nodes
+from stepq.recipe.presets import get_preset
+from stepq.recipe.specs import Recipe
 
-__all__ = ["STATE_FIT_CURVE", "calibrate", "convert", "prepare", "quantize", "resolve_recipe"]
-
-#: Program.state key: the loss curve of the TDQ / free-table fit.
-STATE_FIT_CURVE = "scale_fit_curve"
-#: Program.state key: the loss curve of quantization-aware training.
-STATE_QAT_CURVE = "qat_curve"
+__all__ = ["calibrate", "convert", "prepare", "quantize", "resolve_recipe"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +39,7 @@ def resolve_recipe(recipe: str | Recipe | Mapping[str, Any]) -> Recipe:
 
 
 def _copy_program(prog: Program) -> Program:
-    return prog.replace(gm=copy.deepcopy(prog.gm), history=list(prog.history), state=dict(prog.state))
+    return prog.replace(gm=copy.deepcopy(prog.gm), history=list(prog.history), state=prog.state.copy())
 
 
 def _require(prog: Program, stages: Sequence[str], action: str) -> None:
@@ -107,11 +101,11 @@ def calibrate(prog: Program, data: Iterable[Any], *, max_batches: int | None = N
         n += 1
     if n == 0:
         raise CalibrationError("calibration data is empty: it yielded no batches")
-    prog.state[meta.STATE_REPORT_BATCH] = first
+    prog.state.report_batch = first
     run_passes(prog, build_calibration_pipeline(recipe))
     if fit_tdq:
         cfg = recipe.tdq
-        prog.state[STATE_FIT_CURVE] = fit_scale_source(
+        prog.state.fit_curve = fit_scale_source(
             prog, kept, steps=cfg.fit_steps, lr=cfg.fit_lr, batch=cfg.fit_batch, rows=cfg.fit_rows, seed=cfg.seed,
             time_budget_s=cfg.time_budget_s, objective=cfg.fit_objective, progress=progress)
     prog.advance("calibrated")
@@ -125,10 +119,10 @@ def convert(prog: Program, *, inplace: bool = False, report: bool = True) -> Qua
         raise PreconditionError("convert: the program has observers that saw no data; run stepq.calibrate first")
     if not inplace:
         prog = _copy_program(prog)
-    batch = prog.state.get(meta.STATE_REPORT_BATCH)
-    prog.state[STATE_REPORT] = layer_reports(prog, batch if report else None)
+    batch = prog.state.report_batch
+    prog.state.report = layer_reports(prog, batch if report else None)
     run_passes(prog, build_convert_pipeline(prog.recipe))
-    prog.state.pop(meta.STATE_REPORT_BATCH, None)
+    prog.state.report_batch = None
     prog.advance("converted")
     return QuantizedModel(prog)
 
@@ -151,8 +145,8 @@ def quantize(
     """capture → prepare → calibrate → (QAT) → convert → (PTQD) in one call. The model is not modified.
 
     QAT recipes (``recipe.qat``) also need ``train_data``: an endless iterator of (inputs, target ε),
-    e.g. ``stepq.compiler.qat.denoising_batches(x0, scheduler, make_inputs, batch_size=...)``.
-    PTQD recipes (``recipe.ptqd``) measure their statistics with ``stepq.ptqd.apply`` on ``ptqd_data``
+    e.g. ``stepq.methods.qat.denoising_batches(x0, scheduler, make_inputs, batch_size=...)``.
+    PTQD recipes (``recipe.ptqd``) measure their statistics with ``stepq.methods.ptqd.apply`` on ``ptqd_data``
     (default: the calibration data, which must then be re-iterable) against ``model``;
     ``ptqd_scheduler`` gives SNR^F for mixed precision (default: DDPM's linear schedule).
     """
@@ -170,11 +164,11 @@ def quantize(
     calibrate(prog, calibration, progress=progress)
     if recipe.qat is not None and train_data is not None:
         cfg = recipe.qat
-        prog.state[STATE_QAT_CURVE] = train_qat(prog, train_data, steps=cfg.steps, lr=cfg.lr, scale_lr=cfg.scale_lr,
+        prog.state.qat_curve = train_qat(prog, train_data, steps=cfg.steps, lr=cfg.lr, scale_lr=cfg.scale_lr,
                                                 batch_size=cfg.batch_size, progress=progress)
     qm = convert(prog, inplace=True)
     if recipe.ptqd is not None:
-        from stepq.ptqd import apply as ptqd_apply
+        from stepq.methods.ptqd import apply as ptqd_apply
 
         qm = ptqd_apply(qm, model, ptqd_data if ptqd_data is not None else calibration, scheduler=ptqd_scheduler)
     return qm

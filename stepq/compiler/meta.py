@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch.fx
 
-    from stepq.compiler.specs import LayerSpec
+    from stepq.recipe.specs import LayerSpec
 
 __all__ = [
     "ACT_QUANTIZER",
@@ -23,11 +23,6 @@ __all__ = [
     "QUANTIZER_ROLE",
     "ROLES",
     "RULE",
-    "STATE_ACT_STATS",
-    "STATE_PTQD",
-    "STATE_PTQD_BITS",
-    "STATE_REPORT_BATCH",
-    "STATE_TIMESTEP_TABLES",
     "STEPQ_INSERTED",
     "WEIGHT_BITS",
     "get_layer_spec",
@@ -52,20 +47,10 @@ ACT_QUANTIZER = "stepq.quantizer"
 QSPEC = "stepq.qspec"
 #: on a weight dequantize: the weight's bit width.
 WEIGHT_BITS = "stepq.weight_bits"
-#: Program.state key: {quantizer name: ActivationStats} gathered during calibration.
-STATE_ACT_STATS = "activation_stats"
-#: Program.state key: {quantizer name: TimestepTable} for attach_timestep_tables.
-STATE_TIMESTEP_TABLES = "timestep_tables"
-#: Program.state key: one calibration batch (a dict of inputs) kept for the report.
-STATE_REPORT_BATCH = "report_batch"
 #: set on every node a stepq pass created.
 STEPQ_INSERTED = "stepq.inserted"
 #: on nodes the PTQD passes created: "correct_noise" (output correction) or "select_bits" (bit switch).
-PTQD_NODE = "stepq.ptqd"
-#: Program.state key: PTQD's noise statistics (``stepq.ptqd.PTQDStats``) read by correct_noise.
-STATE_PTQD = "ptqd"
-#: Program.state key: PTQD's step-aware mixed precision (``stepq.ptqd.MixedPrecision``) read by select_bits.
-STATE_PTQD_BITS = "ptqd_bits"
+PTQD_NODE = "stepq.methods.ptqd"
 #: set by a backend's partitioner (on its own copy of the graph): "<backend>:<placement>".
 BACKEND_TAG = "stepq.backend_tag"
 

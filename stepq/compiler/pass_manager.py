@@ -1,27 +1,73 @@
-"""Passes and the pass manager.
+"""Passes, their declared contract, and the pass manager.
 
-A pass is a callable ``(program) -> PassResult``; the result counts the rewrites it applied, and
-``modified`` is true exactly when that count is positive. The manager runs passes in order, lints
-the graph after each one, logs what happened (and why an optional pass was skipped), and wraps a
-failure in ``PassError`` naming the pass and the ones before it.
+A pass is a class with a ``name``, a ``contract`` and ``__call__(program) -> PassResult``; the
+result counts the rewrites it applied (``modified`` is true exactly when the count is positive). A
+pass only rewrites the graph: maths that decides values (calibration, fits, statistics) lives in
+``stepq.calibration`` or the method's package, and writing new values into buffers a pass already
+created is a step of its own.
+
+The contract says what the pass needs and what it leaves::
+
+    class InsertQuantizers(Pass):
+        name = "insert_quantizers"
+        contract = Contract(
+            requires=(NodesHave(meta.LAYER_SPEC, on=quantizable_ops, what="quantizable op"),),
+            produces=(OpAbsent(...),),
+            preserves_semantics=False,
+        )
+
+``requires`` and ``produces`` are ``Condition`` s (node meta keys, program state fields, op kinds
+present or absent, the program's stage, a recipe section). The manager checks ``requires`` before
+the pass and ``produces`` after it (``PreconditionError`` / ``PostconditionError`` naming the pass
+and the node), lints the graph, times the pass and, given a dump folder, writes the graph after it.
+``preserves_semantics`` says whether the program's outputs are unchanged (within ``tolerance``,
+relative L2) and ``idempotent`` whether a second run rewrites nothing: ``stepq.testing.check_pass``
+asserts both on generated models.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch.fx
 
-from stepq.compiler.errors import PassError, PostconditionError, StepqError
+from stepq.compiler.errors import PassError, PostconditionError, PreconditionError, StepqError
 from stepq.compiler.program import Program
 
-__all__ = ["Pass", "PassResult", "Skip", "lint", "run_passes"]
+__all__ = [
+    "DUMP_ENV",
+    "Condition",
+    "Contract",
+    "NodeFilter",
+    "NodesHave",
+    "OpAbsent",
+    "OpPresent",
+    "Pass",
+    "PassRecord",
+    "PassResult",
+    "RecipeHas",
+    "Skip",
+    "StageIs",
+    "StateHas",
+    "check_conditions",
+    "dump_graph",
+    "lint",
+    "run_passes",
+]
 
 log = logging.getLogger(__name__)
+
+#: the environment variable that names a dump folder when no ``dump=`` is given.
+DUMP_ENV = "STEPQ_DUMP_DIR"
+
+NodeFilter = Callable[[torch.fx.Node], bool]
 
 
 @dataclass(frozen=True)
@@ -36,18 +82,179 @@ class PassResult:
         return self.count > 0
 
 
-class Pass(Protocol):
+# -- conditions --------------------------------------------------------------------------------
+
+
+class Condition:
+    """A property of a program. ``violation`` returns None when it holds, else what breaks it
+    (naming the node where there is one)."""
+
+    def violation(self, prog: Program) -> str | None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def _where(node: torch.fx.Node) -> str:
+    layer = node.meta.get("stepq.layer")
+    return f"node {node.name!r}" + (f" (layer {layer!r})" if layer else "")
+
+
+@dataclass(frozen=True)
+class NodesHave(Condition):
+    """Every node that ``on`` selects carries the meta key ``key`` (``what`` names those nodes)."""
+
+    key: str
+    on: NodeFilter
+    what: str
+
+    def violation(self, prog: Program) -> str | None:
+        for n in prog.gm.graph.nodes:
+            if self.on(n) and self.key not in n.meta:
+                return f"{_where(n)} has no {self.key!r}"
+        return None
+
+    def describe(self) -> str:
+        return f"every {self.what} carries {self.key!r}"
+
+
+@dataclass(frozen=True)
+class OpAbsent(Condition):
+    """No node that ``match`` selects is left (``what`` names them)."""
+
+    match: NodeFilter
+    what: str
+
+    def violation(self, prog: Program) -> str | None:
+        for n in prog.gm.graph.nodes:
+            if self.match(n):
+                return f"{_where(n)} is a {self.what}"
+        return None
+
+    def describe(self) -> str:
+        return f"no {self.what}"
+
+
+@dataclass(frozen=True)
+class OpPresent(Condition):
+    """At least one node that ``match`` selects exists."""
+
+    match: NodeFilter
+    what: str
+
+    def violation(self, prog: Program) -> str | None:
+        return None if any(self.match(n) for n in prog.gm.graph.nodes) else f"the graph has no {self.what}"
+
+    def describe(self) -> str:
+        return f"a {self.what}"
+
+
+@dataclass(frozen=True)
+class StateHas(Condition):
+    """The program state field ``name`` holds something (``stepq.compiler.state.ProgramState``)."""
+
     name: str
 
-    def __call__(self, prog: Program) -> PassResult: ...
+    def violation(self, prog: Program) -> str | None:
+        return None if prog.state.has(self.name) else f"program state {self.name!r} is empty"
+
+    def describe(self) -> str:
+        return f"program state {self.name!r}"
+
+
+@dataclass(frozen=True)
+class StageIs(Condition):
+    """The program is at one of ``stages`` (``stepq.compiler.program.STAGES``)."""
+
+    stages: tuple[str, ...]
+
+    def violation(self, prog: Program) -> str | None:
+        return None if prog.stage in self.stages else f"the program is at stage {prog.stage!r}"
+
+    def describe(self) -> str:
+        return "a program at stage " + " or ".join(repr(s) for s in self.stages)
+
+
+@dataclass(frozen=True)
+class RecipeHas(Condition):
+    """The program's recipe has the section ``section`` (``tdq``, ``qat``, ``ptqd``...)."""
+
+    section: str
+
+    def violation(self, prog: Program) -> str | None:
+        recipe = prog.recipe
+        if recipe is None:
+            return "the program has no recipe"
+        return None if getattr(recipe, self.section, None) is not None else f"recipe {recipe.name!r} has no " \
+                                                                              f"{self.section!r} section"
+
+    def describe(self) -> str:
+        return f"a recipe with a {self.section!r} section"
+
+
+def check_conditions(prog: Program, conditions: Iterable[Condition]) -> list[tuple[Condition, str]]:
+    """The conditions that do not hold, each with its violation."""
+    out = []
+    for c in conditions:
+        why = c.violation(prog)
+        if why is not None:
+            out.append((c, why))
+    return out
+
+
+# -- passes ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a pass requires and produces, and the properties ``check_pass`` holds it to.
+
+    ``inplace``: the pass edits ``prog.gm`` (every built-in pass does). ``preserves_semantics``:
+    the outputs are unchanged, within ``tolerance`` (relative L2; 0 = bit-identical).
+    ``idempotent``: a second run reports no rewrite.
+    """
+
+    requires: tuple[Condition, ...] = ()
+    produces: tuple[Condition, ...] = ()
+    preserves_semantics: bool = False
+    tolerance: float = 0.0
+    idempotent: bool = True
+    inplace: bool = True
+
+
+class Pass:
+    """Base class of a graph pass: set ``name`` and ``contract``, implement ``__call__``."""
+
+    name: ClassVar[str] = "pass"
+    contract: ClassVar[Contract] = Contract()
+
+    def __call__(self, prog: Program) -> PassResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 @dataclass(frozen=True)
 class Skip:
-    """A placeholder for an optional pass the pipeline left out, with the reason (logged)."""
+    """A placeholder for an optional stage the pipeline left out, with the reason (logged)."""
 
     name: str
     reason: str
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One pass the manager ran: its result, its wall time and where its dump went."""
+
+    name: str
+    result: PassResult
+    seconds: float
+    dump: Path | None = None
 
 
 def lint(gm: torch.fx.GraphModule, after: str) -> None:
@@ -57,16 +264,72 @@ def lint(gm: torch.fx.GraphModule, after: str) -> None:
         raise PostconditionError(f"graph lint failed after pass {after!r}: {e}") from e
 
 
-def run_passes(prog: Program, passes: Iterable[Pass | Skip | None]) -> list[tuple[str, PassResult]]:
-    """Run ``passes`` on ``prog`` in order; returns (name, result) for each pass that ran."""
+def _contract(p: Any) -> Contract:
+    c = getattr(p, "contract", None)
+    return c if isinstance(c, Contract) else Contract()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def dump_graph(prog: Program, folder: str | os.PathLike[str], name: str, result: PassResult | None = None,
+               seconds: float | None = None, note: str = "") -> Path:
+    """Write the program's graph as readable text to ``folder/NNN-name.txt`` (NNN: the position of
+    the pass in the program's history, so the files of one compile sort in pipeline order)."""
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{len(prog.history):03d}-{_safe(name)}.txt"
+    lines = [f"# pass: {name}", f"# stage: {prog.stage}",
+             f"# recipe: {getattr(prog.recipe, 'name', None)}"]
+    if result is not None:
+        lines.append(f"# rewrites: {result.count}")
+        lines += [f"#   {d}" for d in result.details]
+    if seconds is not None:
+        lines.append(f"# seconds: {seconds:.4f}")
+    if note:
+        lines.append(f"# {note}")
+    nodes = sum(1 for _ in prog.gm.graph.nodes)
+    lines.append(f"# nodes: {nodes}")
+    text = "\n".join(lines) + "\n\n" + prog.gm.print_readable(print_output=False, include_stride=False,
+                                                                include_device=False)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def resolve_dump(dump: str | os.PathLike[str] | None) -> Path | None:
+    """The dump folder: ``dump`` if given, else ``$STEPQ_DUMP_DIR`` if set, else none."""
+    if dump is not None:
+        return Path(dump)
+    env = os.environ.get(DUMP_ENV)
+    return Path(env) if env else None
+
+
+def run_passes(prog: Program, passes: Iterable[Any], *, dump: str | os.PathLike[str] | None = None,
+               check: bool = True) -> list[PassRecord]:
+    """Run ``passes`` on ``prog`` in order (``Skip`` and ``None`` are logged and left out).
+
+    With ``check`` (the default) each pass's ``contract.requires`` is checked before it and
+    ``contract.produces`` after it. ``dump`` (or ``$STEPQ_DUMP_DIR``) is a folder that receives the
+    graph after every pass. Returns a ``PassRecord`` per pass that ran.
+    """
+    folder = resolve_dump(dump)
     done: list[str] = []
-    results: list[tuple[str, PassResult]] = []
+    records: list[PassRecord] = []
     for p in passes:
         if p is None:
             continue
         if isinstance(p, Skip):
             log.info("pass %s skipped: %s", p.name, p.reason)
             continue
+        contract = _contract(p)
+        if check:
+            failed = check_conditions(prog, contract.requires)
+            if failed:
+                cond, why = failed[0]
+                raise PreconditionError(f"pass {p.name!r} requires {cond.describe()}: {why}")
         start = time.perf_counter()
         try:
             result = p(prog)
@@ -76,12 +339,21 @@ def run_passes(prog: Program, passes: Iterable[Pass | Skip | None]) -> list[tupl
             raise PassError(p.name, done, e) from e
         except Exception as e:
             raise PassError(p.name, done, e) from e
+        if not isinstance(result, PassResult):
+            raise PostconditionError(f"pass {p.name!r} returned {type(result).__name__}, not a PassResult")
         if result.modified:
             prog.gm.recompile()
         lint(prog.gm, p.name)
+        if check:
+            failed = check_conditions(prog, contract.produces)
+            if failed:
+                cond, why = failed[0]
+                raise PostconditionError(f"pass {p.name!r} must leave {cond.describe()}: {why}")
         elapsed = time.perf_counter() - start
         log.info("pass %s: %d rewrite(s) in %.3fs", p.name, result.count, elapsed)
+        path = dump_graph(prog, folder, p.name, result, elapsed) if folder is not None else None
         done.append(p.name)
         prog.history.append(p.name)
-        results.append((p.name, result))
-    return results
+        records.append(PassRecord(p.name, result, elapsed, path))
+    return records
+

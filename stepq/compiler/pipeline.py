@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 from stepq.compiler.pass_manager import Pass, Skip
-from stepq.compiler.specs import Recipe
 from stepq.passes import (
     AnnotateLayers,
     AttachTimestepTables,
@@ -20,6 +19,7 @@ from stepq.passes import (
     QuantizeWeights,
     SelectBits,
 )
+from stepq.recipe.specs import Recipe
 
 __all__ = ["build_calibration_pipeline", "build_convert_pipeline", "build_pipeline"]
 
@@ -56,7 +56,7 @@ def build_convert_pipeline(recipe: Recipe) -> list[Pass | Skip | None]:
         # PTQD step-aware mixed precision: a branch per activation width, picked by a bits table gathered by t
         SelectBits() if recipe.ptqd is not None and recipe.ptqd.mixed_bits
         else Skip("select_bits", "the recipe has no PTQD mixed precision"),
-        # PTQD: (ε̂ − b_t)/(1 + k_t) on the output; identity until stepq.ptqd.apply measures the statistics
+        # PTQD: (ε̂ − b_t)/(1 + k_t) on the output; identity until stepq.methods.ptqd.apply measures the statistics
         CorrectNoise() if recipe.ptqd is not None else Skip("correct_noise", "the recipe has no PTQD section"),
         # weights → integers (packed below 8 bits) + dequantize
         QuantizeWeights(),

@@ -20,6 +20,7 @@ import torch.fx._pytree as fx_pytree
 from torch.fx.graph import _PyTreeCodeGen
 
 from stepq.compiler.errors import InputSignatureError
+from stepq.compiler.state import ProgramState
 
 __all__ = ["STAGES", "InputSignature", "Program", "TensorInfo"]
 
@@ -181,8 +182,8 @@ class Program:
     recipe: Any = None  # stepq.Recipe once prepared
     stage: str = "captured"
     history: list[str] = field(default_factory=list)
-    #: method state that is not part of the graph: observer statistics, fitted generators, PTQD stats.
-    state: dict[str, Any] = field(default_factory=dict)
+    #: method state that is not part of the graph: observer statistics, timestep tables, PTQD stats.
+    state: ProgramState = field(default_factory=ProgramState)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.gm(**self.bind(args, kwargs))

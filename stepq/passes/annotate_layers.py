@@ -16,7 +16,7 @@ from __future__ import annotations
 from stepq.compiler import analysis, meta
 from stepq.compiler.pass_manager import PassResult
 from stepq.compiler.program import Program
-from stepq.compiler.specs import Recipe
+from stepq.recipe.specs import Recipe
 
 __all__ = ["AnnotateLayers"]
 

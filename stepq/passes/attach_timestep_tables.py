@@ -8,7 +8,7 @@ indexed by the timestep.
                                                           that cannot be matched (i₀ = i[0])
 
 ``S, Z`` are buffers of length T (``<quantizer>_scale_table``, ``<quantizer>_zero_point_table``)
-taken from ``prog.state[STATE_TIMESTEP_TABLES]`` (TDQ's frozen generators, a free per-step table,
+taken from ``prog.state.timestep_tables`` (TDQ's frozen generators, a free per-step table,
 PTQD's per-bit-width scales...). ``i = round(t · timestep_scale)`` (``stepq.compiler.timesteps``), so
 one compiled model serves any schedule and step count; out-of-range timesteps raise or clamp by
 ``recipe.timestep_policy``. Inference pays one index per forward and one gather per quantizer.
@@ -19,8 +19,6 @@ a second run with the same tables changes nothing; new table values update the b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.fx
 
@@ -29,25 +27,11 @@ from stepq.compiler.analysis import shares_batch
 from stepq.compiler.graph_utils import arg_node, delete_attr, fetch_attr, register_tensor
 from stepq.compiler.pass_manager import PassResult
 from stepq.compiler.program import Program
+from stepq.compiler.state import TimestepTable
 
 __all__ = ["AttachTimestepTables", "TimestepTable", "timestep_index_node"]
 
 aten = torch.ops.aten
-
-
-@dataclass
-class TimestepTable:
-    """Per-timestep quantizer parameters: ``scale[t]`` and ``zero_point[t]`` for t in [0, T)."""
-
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.scale.dim() != 1 or self.scale.shape != self.zero_point.shape:
-            raise ValueError(f"a timestep table needs 1-D scale and zero point of one length, got "
-                             f"{tuple(self.scale.shape)} and {tuple(self.zero_point.shape)}")
-        if not bool((self.scale > 0).all()):
-            raise ValueError("a timestep table's scales must be positive")
 
 
 def timestep_index_node(prog: Program) -> torch.fx.Node:
@@ -83,7 +67,7 @@ class AttachTimestepTables:
     name = "attach_timestep_tables"
 
     def __call__(self, prog: Program) -> PassResult:
-        tables: dict[str, TimestepTable] = prog.state.get(meta.STATE_TIMESTEP_TABLES, {})
+        tables: dict[str, TimestepTable] = prog.state.timestep_tables
         if not tables:
             return PassResult(0)
         gm, graph = prog.gm, prog.gm.graph

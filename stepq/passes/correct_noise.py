@@ -1,7 +1,7 @@
 """Correct noise: the denoiser's prediction becomes PTQD's corrected estimate of ε.
 
 PTQD models the quantized prediction as ε̂ = (1 + k_t)·ε + b_t + r_t (k_t: the part of the error
-correlated with ε, b_t: its per-channel mean, r_t: a residual; ``stepq.ptqd.statistics``). The pass
+correlated with ε, b_t: its per-channel mean, r_t: a residual; ``stepq.methods.ptqd.statistics``). The pass
 inverts the deterministic part on the model's output:
 
     y = model(x_t, t, …)                        the prediction: ε̂ (its first C channels)
@@ -14,10 +14,10 @@ Per sample when the output shares its batch with the timestep (K[i] viewed [B, 1
 (y' = cat(corrected, rest)). Classifier-free guidance commutes with the correction, since
 u' + s(c' − u') = (ε̂_cfg − b)/(1 + k), so correcting each branch corrects the guided ε.
 
-The tables come from ``prog.state[STATE_PTQD]`` (``PTQDStats``) and the recipe's ``PTQDConfig``:
+The tables come from ``prog.state.ptqd`` (``PTQDStats``) and the recipe's ``PTQDConfig``:
 K = k_t when ``correlated`` else 0, B = b_t when ``bias`` else 0. Without statistics both are 0 and
 the rewrite is the identity (exactly: y − 0 = y, y / 1 = y), so convert can insert it and
-``stepq.ptqd.apply`` fill it once the statistics are measured. Like the TDQ tables it is a Gather on
+``stepq.methods.ptqd.apply`` fill it once the statistics are measured. Like the TDQ tables it is a Gather on
 the timestep in ONNX; inference pays two gathers, a subtraction and a division.
 
 Requires: a converted or calibrated graph whose first output is the prediction [B, ≥C, …].
@@ -41,7 +41,7 @@ from stepq.compiler.program import Program
 from stepq.passes.attach_timestep_tables import timestep_index_node
 
 if TYPE_CHECKING:
-    from stepq.ptqd.statistics import PTQDStats
+    from stepq.methods.ptqd.statistics import PTQDStats
 
 __all__ = ["BIAS_TABLE", "K_TABLE", "CorrectNoise", "correction_tables", "prediction_node"]
 
@@ -69,7 +69,7 @@ def prediction_node(gm: torch.fx.GraphModule) -> torch.fx.Node:
 
 
 def _channels(prog: Program, pred: torch.fx.Node) -> int:
-    stats: PTQDStats | None = prog.state.get(meta.STATE_PTQD)
+    stats: PTQDStats | None = prog.state.ptqd
     if stats is not None:
         return stats.channels
     if prog.sample_arg is not None and prog.sample_arg in prog.signature.tensors:
@@ -86,7 +86,7 @@ def correction_tables(prog: Program, channels: int) -> tuple[torch.Tensor, torch
     """(K [T], B [T, C]) from the statistics and the recipe's PTQD flags; zeros where off or absent."""
     T = prog.recipe.num_train_timesteps
     k, b = torch.zeros(T), torch.zeros(T, channels)
-    stats: PTQDStats | None = prog.state.get(meta.STATE_PTQD)
+    stats: PTQDStats | None = prog.state.ptqd
     cfg = prog.recipe.ptqd
     if stats is None:
         return k, b

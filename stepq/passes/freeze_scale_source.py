@@ -1,7 +1,7 @@
 """Freeze the scale source: evaluate it at every training timestep and drop it from the graph.
 
     S = call_module[activation_scale_source](i);  fake_quant(x, S[l]…, z, …)
- →  fake_quant(x, s_static, z, …)   and   prog.state[STATE_TIMESTEP_TABLES][q_l] = (S_l(0 … T−1), z)
+ →  fake_quant(x, s_static, z, …)   and   prog.state.timestep_tables[q_l] = (S_l(0 … T−1), z)
 
 The tables are what ``attach_timestep_tables`` (the next pass) gathers from, so the deployed graph
 has no generator: TDQ costs one gather per quantizer at inference. For a free table, timesteps
@@ -18,8 +18,8 @@ from stepq.compiler import meta, ops
 from stepq.compiler.graph_utils import arg_node, fetch_attr
 from stepq.compiler.pass_manager import PassResult
 from stepq.compiler.program import Program
-from stepq.compiler.tdq import ScaleGenerators, ScaleTable
-from stepq.passes.attach_timestep_tables import TimestepTable
+from stepq.compiler.state import TimestepTable
+from stepq.methods.tdq.sources import ScaleGenerators, ScaleTable
 from stepq.passes.insert_scale_source import SCALE_SOURCE, scale_source_node
 
 __all__ = ["FreezeScaleSource"]
@@ -38,7 +38,7 @@ class FreezeScaleSource:
         source = gm.get_submodule(SCALE_SOURCE)
         assert isinstance(source, (ScaleGenerators, ScaleTable))
         tables = source.tables().detach().float()  # [L, T]
-        store = prog.state.setdefault(meta.STATE_TIMESTEP_TABLES, {})
+        store = prog.state.timestep_tables
         count = 0
         for fq in [n for n in graph.nodes if n.target is ops.FAKE_QUANT]:
             s = fq.args[1]

@@ -28,13 +28,13 @@ import zlib
 import torch
 import torch.fx
 
+from stepq.calibration.observers import ActivationObserver
+from stepq.calibration.qparams import weight_qparams
 from stepq.compiler import analysis, meta, ops
 from stepq.compiler.graph_utils import fetch_attr, register_tensor, unique_name
-from stepq.compiler.observers import ActivationObserver
 from stepq.compiler.pass_manager import PassResult
 from stepq.compiler.program import Program
-from stepq.compiler.qparams import weight_qparams
-from stepq.compiler.specs import QuantSpec
+from stepq.recipe.specs import QuantSpec
 
 __all__ = ["InsertQuantizers", "is_quantizer"]
 

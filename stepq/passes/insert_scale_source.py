@@ -6,7 +6,7 @@
     fake_quant(x, S[l], z, qmin, qmax, axis=0)               per sample (x shares the batch with t)
     fake_quant(x, S[l][0], z, qmin, qmax)                    otherwise
 
-The source starts at the static steps (``stepq.compiler.tdq``), so the rewrite changes nothing
+The source starts at the static steps (``stepq.methods.tdq.sources``), so the rewrite changes nothing
 numerically until the source is trained; zero points stay static. The static scale buffers are kept
 (``freeze_scale_source`` falls back to them). This is the trainable form used by PTQ fitting and QAT;
 ``freeze_scale_source`` turns it into timestep tables at convert time.
@@ -25,7 +25,7 @@ from stepq.compiler.analysis import shares_batch
 from stepq.compiler.graph_utils import arg_node, fetch_attr, has_attr
 from stepq.compiler.pass_manager import PassResult
 from stepq.compiler.program import Program
-from stepq.compiler.tdq import ScaleGenerators, ScaleTable
+from stepq.methods.tdq.sources import ScaleGenerators, ScaleTable
 from stepq.passes.attach_timestep_tables import timestep_index_node
 
 __all__ = ["SCALE_SOURCE", "InsertScaleSource", "scale_source_node"]

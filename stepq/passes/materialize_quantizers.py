@@ -3,8 +3,8 @@
     call_module[<q>_observer](x, t)  →  fake_quant(x, <q>_scale, <q>_zero_point, qmin, qmax)
 
 The scale and zero point come from the observer's statistics and the spec's observer kind
-(``stepq.compiler.qparams.activation_qparams``) and are stored as buffers; the statistics
-themselves (overall and per training timestep) move to ``prog.state[meta.STATE_ACT_STATS]`` so
+(``stepq.calibration.qparams.activation_qparams``) and are stored as buffers; the statistics
+themselves (overall and per training timestep) move to ``prog.state.activation_stats`` so
 timestep-indexed methods can start from them. The observer modules are deleted.
 
 Requires: observers that saw data. Guarantees: no observer left; one fake_quant per observer.
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import torch.fx
 
+from stepq.calibration.observers import ActivationObserver
+from stepq.calibration.qparams import activation_qparams
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import CalibrationError
 from stepq.compiler.graph_utils import register_tensor
-from stepq.compiler.observers import ActivationObserver
 from stepq.compiler.pass_manager import PassResult
 from stepq.compiler.program import Program
-from stepq.compiler.qparams import activation_qparams
 
 __all__ = ["MaterializeQuantizers", "observer_nodes"]
 
@@ -40,7 +40,7 @@ class MaterializeQuantizers:
 
     def __call__(self, prog: Program) -> PassResult:
         gm = prog.gm
-        stats_store = prog.state.setdefault(meta.STATE_ACT_STATS, {})
+        stats_store = prog.state.activation_stats
         count = 0
         for node, obs in observer_nodes(gm):
             name = node.meta.get(meta.ACT_QUANTIZER, obs.layer)

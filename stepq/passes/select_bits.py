@@ -11,7 +11,7 @@ gathered by the timestep picks the branch:
     q   = where(n_t == b₁, q₁, where(n_t == b₂, q₂, … q_n))  per sample (n_t viewed [B, 1, …]) or per tensor
 
 Weights are untouched (one integer weight set serves every width). ``s_j, z_j`` come from the same
-calibration statistics as ``s, z`` (``prog.state[STATE_ACT_STATS]``) with the spec's bits set to b_j
+calibration statistics as ``s, z`` (``prog.state.activation_stats``) with the spec's bits set to b_j
 and, below 8 bits, the MSE range search the presets use. When ``s, z`` are per-timestep tables (TDQ),
 the lower width gets tables too: the TDQ range at each t, [qmin − z(t), qmax − z(t)]·s(t), shrunk by
 the ratio of the static b_j-bit range to the static b_n-bit range, then re-gridded at b_j bits.
@@ -20,7 +20,7 @@ run at it (PTQD: "calibrated on that step range's data"; the observers keep per-
 falling back to all timesteps where calibration saw none of them.
 
 The io / timestep-embedding layers the presets keep at 8 bits by rule are not switched (PTQD's
-8-bit islands). The table comes from ``prog.state[STATE_PTQD_BITS]`` (``stepq.ptqd.MixedPrecision``);
+8-bit islands). The table comes from ``prog.state.ptqd_bits`` (``stepq.methods.ptqd.MixedPrecision``);
 without one every timestep uses b_n, so the rewrite changes nothing numerically until the bits are
 chosen. In the reference backend both branches run and ``where`` selects per sample; the ONNX
 export carries it as an If on the (batch-shared) step's width (see docs/PTQD.md).
@@ -38,18 +38,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 
+from stepq.calibration.qparams import activation_qparams, qparams_from_range
 from stepq.compiler import meta, ops
 from stepq.compiler.analysis import shares_batch
 from stepq.compiler.errors import PreconditionError
 from stepq.compiler.graph_utils import arg_node, fetch_attr, has_attr, register_tensor
 from stepq.compiler.pass_manager import PassResult
 from stepq.compiler.program import Program
-from stepq.compiler.qparams import activation_qparams, qparams_from_range
-from stepq.compiler.specs import MSEObserver, QuantSpec
 from stepq.passes.attach_timestep_tables import timestep_index_node
+from stepq.recipe.specs import MSEObserver, QuantSpec
 
 if TYPE_CHECKING:
-    from stepq.ptqd.mixed import MixedPrecision
+    from stepq.methods.ptqd.mixed import MixedPrecision
 
 __all__ = ["BITS_TABLE", "SelectBits", "low_bit_spec", "switchable_quantizers"]
 
@@ -83,7 +83,7 @@ def switchable_quantizers(gm: torch.fx.GraphModule, top_bits: int) -> list[torch
 
 def _bits_table(prog: Program, widths: tuple[int, ...]) -> torch.Tensor:
     T = prog.recipe.num_train_timesteps
-    mp: MixedPrecision | None = prog.state.get(meta.STATE_PTQD_BITS)
+    mp: MixedPrecision | None = prog.state.ptqd_bits
     if mp is None:
         return torch.full((T,), widths[-1], dtype=torch.int64)
     table = mp.table.to(torch.int64)
@@ -133,7 +133,7 @@ def _steps(table: torch.Tensor, widths: tuple[int, ...], chosen: bool) -> dict[i
 
 def _recalibrate(prog: Program, steps: dict[int, torch.Tensor | None]) -> int:
     """Refresh the low-bit branches' scales from the steps that now run at their width."""
-    gm, stats = prog.gm, prog.state.get(meta.STATE_ACT_STATS, {})
+    gm, stats = prog.gm, prog.state.activation_stats
     count = 0
     for w in [n for n in gm.graph.nodes if n.target is aten.where.self and n.meta.get(meta.PTQD_NODE) == _ROLE]:
         q_low, high = arg_node(w, 1), arg_node(w, 2)
@@ -164,7 +164,7 @@ class SelectBits:
         widths = tuple(cfg.mixed_bits)
         gm = prog.gm
         table = _bits_table(prog, widths)
-        steps = _steps(table, widths, meta.STATE_PTQD_BITS in prog.state)
+        steps = _steps(table, widths, prog.state.has('ptqd_bits'))
         count = 0
         if has_attr(gm, BITS_TABLE):
             buf = fetch_attr(gm, BITS_TABLE)
@@ -175,11 +175,11 @@ class SelectBits:
         fqs = switchable_quantizers(gm, widths[-1])
         if not fqs:
             return PassResult(count)
-        stats = prog.state.get(meta.STATE_ACT_STATS, {})
+        stats = prog.state.activation_stats
         missing = [fq.meta[meta.ACT_QUANTIZER] for fq in fqs if fq.meta[meta.ACT_QUANTIZER] not in stats]
         if missing:
             raise PreconditionError(f"select_bits needs the calibration statistics of {missing[:3]}... "
-                                    "(prog.state['activation_stats']); run it at convert time")
+                                    "(prog.state.activation_stats); run it at convert time")
         if not has_attr(gm, BITS_TABLE):
             register_tensor(gm, BITS_TABLE, table)
         switch = _Switch(prog, widths)

@@ -238,7 +238,7 @@ def generate(model: Callable[..., Any], spec: ZooEntry, n: int, *, num_inference
 
     Returns ``(images [n, *sample_shape] clamped to [−1, 1], class labels or None)``.
     """
-    from stepq.samplers import make_denoiser, sample
+    from stepq.calibration.samplers import make_denoiser, sample
 
     if n <= 0 or batch_size <= 0:
         raise ValueError(f"n and batch_size must be positive, got {n} and {batch_size}")

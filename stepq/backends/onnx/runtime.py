@@ -7,7 +7,7 @@
 The call is bound exactly as ``QuantizedModel`` binds it (``InputSignature`` from the file's
 metadata: positional or keyword arguments, the captured constants, a scalar timestep broadcast to
 the batch); outputs are torch tensors in the model's output structure, so the callable is a drop-in
-``model`` for ``stepq.samplers.make_denoiser``.
+``model`` for ``stepq.calibration.samplers.make_denoiser``.
 """
 
 from __future__ import annotations

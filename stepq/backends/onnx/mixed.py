@@ -9,7 +9,7 @@ to the top of the graph:
     cond = Gather(ptqd_bits_table, i) == b₁
     y    = If(cond, then = graph at A_{b₁}, else = graph at A_{b₂})    (nested for more widths)
 
-Each branch is ``stepq.backends.onnx.export`` of ``stepq.ptqd.specialize(qm, b)`` (so it has the
+Each branch is ``stepq.backends.onnx.export`` of ``stepq.methods.ptqd.specialize(qm, b)`` (so it has the
 backend's integer kernels: MatMulIntegerToFloat, QLinearConv...). Both branches read their tensors
 from the outer graph's initializers; identical tensors (the integer weights, biases, the PTQD
 correction tables, everything but the activation scales) are stored once, so the file is barely
@@ -29,12 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from stepq.compiler import meta
+from stepq.artifact.quantized_model import QuantizedModel
 from stepq.compiler.errors import PreconditionError
 from stepq.compiler.graph_utils import fetch_attr
-from stepq.compiler.quantized_model import QuantizedModel
+from stepq.methods.ptqd.mixed import specialize
 from stepq.passes.select_bits import BITS_TABLE
-from stepq.ptqd.mixed import specialize
 
 __all__ = ["export_mixed"]
 
@@ -176,7 +175,7 @@ def export_mixed(qm: QuantizedModel, path: str | os.PathLike[str], **export_kwar
                                producer_name="stepq", ir_version=top.ir_version)
     for key, value in props.items():
         merged.metadata_props.add(key=key, value=value)
-    merged.metadata_props.add(key=f"stepq.{meta.STATE_PTQD_BITS}", value=str(list(widths)))
+    merged.metadata_props.add(key="stepq.ptqd_bits", value=str(list(widths)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(merged, str(path))

@@ -7,21 +7,19 @@ weights dequantized on the fly), and is what ``save``/``load`` and the other bac
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from stepq.artifact.report import LayerReport, format_report
+from stepq.artifact.store import load_program, save_program
 from stepq.compiler import meta
 from stepq.compiler.graph_utils import fetch_attr
 from stepq.compiler.program import Program
-from stepq.compiler.report import LayerReport, format_report
 
-__all__ = ["QuantizedModel"]
+__all__ = ["QuantizedModel", "load"]
 
 log = logging.getLogger(__name__)
-
-STATE_REPORT = "report"
 
 
 class QuantizedModel(torch.nn.Module):
@@ -50,7 +48,7 @@ class QuantizedModel(torch.nn.Module):
     # -- inspection ----------------------------------------------------------------------------
     def report(self, *, print_table: bool = True) -> list[LayerReport]:
         """Per-layer bits, scale ranges and output SQNR against FP; printed and returned."""
-        rows: list[LayerReport] = self.program.state.get(STATE_REPORT, [])
+        rows: list[LayerReport] = self.program.state.report
         if print_table:
             print(format_report(rows, title=f"stepq {self.recipe.name} — {self.program.model_name}"))
         return rows
@@ -71,9 +69,7 @@ class QuantizedModel(torch.nn.Module):
     # -- artefacts -----------------------------------------------------------------------------
     def save(self, path: str) -> None:
         """Write a directory with ``model.safetensors`` and ``manifest.json`` (never pickle)."""
-        from stepq.compiler.artifact import save_quantized
-
-        save_quantized(self, path)
+        save_program(self.program, path)
 
     def export_onnx(self, path: str, **kwargs: Any) -> Any:
         """Write quantized ONNX for ONNX Runtime (see ``stepq.backends.onnx.export``)."""
@@ -84,5 +80,7 @@ class QuantizedModel(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"model={self.program.model_name}, recipe={self.recipe.name!r}, timestep={self.program.timestep_arg!r}"
 
-    def state_for(self, key: str) -> Mapping[str, Any] | None:
-        return self.program.state.get(key)
+
+def load(path: str) -> QuantizedModel:
+    """Load a QuantizedModel saved with ``QuantizedModel.save`` (safetensors + JSON, checked)."""
+    return QuantizedModel(load_program(path))

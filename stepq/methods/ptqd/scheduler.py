@@ -108,7 +108,7 @@ class PTQDScheduler:
         return getattr(self.scheduler, name)
 
     def fresh(self) -> PTQDScheduler:
-        """A wrapper around a fresh copy of the wrapped scheduler (``stepq.samplers.fresh_scheduler``)."""
+        """A wrapper around a fresh copy of the wrapped scheduler (``stepq.calibration.samplers.fresh_scheduler``)."""
         inner = type(self.scheduler).from_config(self.scheduler.config)
         return PTQDScheduler(inner, self.stats, correlated=self.correlated)
 

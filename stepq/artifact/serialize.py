@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from stepq.compiler import meta
 from stepq.compiler.errors import ArtifactError
 from stepq.compiler.graph_utils import fetch_attr
-from stepq.compiler.specs import LayerSpec, QuantSpec
+from stepq.recipe.specs import LayerSpec, QuantSpec
 
 __all__ = ["graph_from_json", "graph_to_json"]
 

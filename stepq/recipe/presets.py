@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from stepq.compiler.errors import RecipeError
-from stepq.compiler.specs import (
+from stepq.recipe.specs import (
     LayerRule,
     LayerSpec,
     MinMaxObserver,

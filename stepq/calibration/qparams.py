@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from stepq.compiler.specs import MSEObserver, PercentileObserver, PerChannel, PerGroup, PerTensor, QuantSpec
+from stepq.recipe.specs import MSEObserver, PercentileObserver, PerChannel, PerGroup, PerTensor, QuantSpec
 
 __all__ = ["activation_qparams", "qparams_from_range", "weight_qparams"]
 

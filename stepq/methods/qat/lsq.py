@@ -27,12 +27,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from stepq.calibration.samplers import model_output
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import PreconditionError
 from stepq.compiler.graph_utils import arg_node
 from stepq.compiler.program import Program
 from stepq.passes.insert_scale_source import SCALE_SOURCE
-from stepq.samplers import model_output
 
 __all__ = ["denoising_batches", "make_trainable", "train_qat"]
 

@@ -1,8 +1,8 @@
 """PTQD on a compiled model: measure, choose bits, fill the tables; and the matching sampler.
 
     qm = stepq.quantize(model, example, "w4a8", calibration=calib)        # any converted model
-    qm = stepq.ptqd.apply(qm, model, data)                                 # data: FP-trajectory inputs
-    sched = stepq.ptqd.scheduler_for(qm, DDPMScheduler.from_config(cfg))   # the variance schedule
+    qm = stepq.methods.ptqd.apply(qm, model, data)                                 # data: FP-trajectory inputs
+    sched = stepq.methods.ptqd.scheduler_for(qm, DDPMScheduler.from_config(cfg))   # the variance schedule
     images = sample(make_denoiser(qm), sched, noise, 100)
 
 ``stepq.quantize`` does the same for recipes with a ``ptqd`` section (on its calibration data).
@@ -28,16 +28,15 @@ from typing import Any
 
 import torch
 
-from stepq.compiler import meta
+from stepq.artifact.quantized_model import QuantizedModel
 from stepq.compiler.errors import PreconditionError
 from stepq.compiler.pass_manager import Skip, run_passes
-from stepq.compiler.quantized_model import QuantizedModel
-from stepq.compiler.specs import PTQDConfig
+from stepq.methods.ptqd.mixed import MixedPrecision, choose_bits, forward_snr, set_bits
+from stepq.methods.ptqd.scheduler import PTQDScheduler, scheduler_kind
+from stepq.methods.ptqd.statistics import PTQDStats, measure, predictions
 from stepq.passes.correct_noise import CorrectNoise
 from stepq.passes.select_bits import SelectBits
-from stepq.ptqd.mixed import MixedPrecision, choose_bits, forward_snr, set_bits
-from stepq.ptqd.scheduler import PTQDScheduler, scheduler_kind
-from stepq.ptqd.statistics import PTQDStats, measure, predictions
+from stepq.recipe.specs import PTQDConfig
 
 __all__ = ["apply", "copy_model", "scheduler_for", "with_config"]
 
@@ -47,7 +46,7 @@ log = logging.getLogger(__name__)
 def copy_model(qm: QuantizedModel) -> QuantizedModel:
     """An independent copy of a compiled model (graph, buffers and state)."""
     prog = qm.program
-    return QuantizedModel(prog.replace(gm=copy.deepcopy(prog.gm), state=dict(prog.state), history=list(prog.history)))
+    return QuantizedModel(prog.replace(gm=copy.deepcopy(prog.gm), state=prog.state.copy(), history=list(prog.history)))
 
 
 def _channels(qm: QuantizedModel) -> int | None:
@@ -78,16 +77,16 @@ def apply(qm: QuantizedModel, fp_model: Any, data: Iterable[Mapping[str, Any]], 
         scheduler: the diffusers scheduler whose ᾱ_t gives SNR^F for mixed precision (default: DDPM's).
     """
     if not isinstance(qm, QuantizedModel):
-        raise PreconditionError(f"stepq.ptqd.apply takes a QuantizedModel, got {type(qm).__name__}")
+        raise PreconditionError(f"stepq.methods.ptqd.apply takes a QuantizedModel, got {type(qm).__name__}")
     prog = qm.program
     cfg = config or prog.recipe.ptqd or PTQDConfig()
     prog.recipe = prog.recipe.replace(ptqd=cfg)
     T = prog.recipe.num_train_timesteps
     items = list(data)
     if not items:
-        raise PreconditionError("stepq.ptqd.apply needs data: the iterable yielded no input dicts")
-    prog.state.pop(meta.STATE_PTQD, None)  # measure the uncorrected model: the correction is the identity
-    prog.state.pop(meta.STATE_PTQD_BITS, None)  # and start from every step at the top width, all-step scales
+        raise PreconditionError("stepq.methods.ptqd.apply needs data: the iterable yielded no input dicts")
+    prog.state.ptqd = None  # measure the uncorrected model: the correction is the identity
+    prog.state.ptqd_bits = None  # and start from every step at the top width, all-step scales
     run_passes(prog, [SelectBits() if cfg.mixed_bits else Skip("select_bits", "PTQDConfig.mixed_bits is empty"),
                       CorrectNoise()])
     kw: dict[str, Any] = dict(timestep_arg=prog.timestep_arg, num_train_timesteps=T,
@@ -107,13 +106,13 @@ def apply(qm: QuantizedModel, fp_model: Any, data: Iterable[Mapping[str, Any]], 
         mp = MixedPrecision(bits=tuple(cfg.mixed_bits), table=choose_bits(snr_q, cfg.snr_margin * snr_f,
                                                                           cfg.mixed_bits),
                             snr_q=snr_q, snr_f=snr_f, visited=visited, margin=cfg.snr_margin)
-        prog.state[meta.STATE_PTQD_BITS] = mp
+        prog.state.ptqd_bits = mp
         # writes the table and recalibrates each lower width on the steps that now run at it
         run_passes(prog, [SelectBits()])
         log.info("PTQD mixed precision: %.1f%% of the training timesteps at %d bits",
                  100 * mp.share(torch.arange(T)), cfg.mixed_bits[0])
     stats = measure(refs, qm, items, normality_samples=cfg.normality_samples, seed=cfg.seed, **kw)
-    prog.state[meta.STATE_PTQD] = stats
+    prog.state.ptqd = stats
     run_passes(prog, [CorrectNoise()])
     return qm
 
@@ -121,8 +120,8 @@ def apply(qm: QuantizedModel, fp_model: Any, data: Iterable[Mapping[str, Any]], 
 def with_config(qm: QuantizedModel, config: PTQDConfig) -> QuantizedModel:
     """A copy of ``qm`` with its measured statistics applied under other flags (an ablation)."""
     prog = qm.program
-    if meta.STATE_PTQD not in prog.state:
-        raise PreconditionError("with_config needs a model with PTQD statistics (run stepq.ptqd.apply)")
+    if not prog.state.has('ptqd'):
+        raise PreconditionError("with_config needs a model with PTQD statistics (run stepq.methods.ptqd.apply)")
     old = prog.recipe.ptqd
     if old is not None and tuple(old.mixed_bits) != tuple(config.mixed_bits):
         raise PreconditionError("with_config cannot change mixed_bits: the statistics were measured on the other "
@@ -137,7 +136,7 @@ def scheduler_for(qm: QuantizedModel, scheduler: Any) -> Any:
     """``scheduler`` wrapped in ``PTQDScheduler`` with ``qm``'s statistics, when its recipe asks for the
     variance schedule (else, and for flow matching, ``scheduler`` itself)."""
     cfg = qm.recipe.ptqd
-    stats: PTQDStats | None = qm.program.state.get(meta.STATE_PTQD)
+    stats: PTQDStats | None = qm.program.state.ptqd
     if cfg is None or not cfg.variance or stats is None:
         return scheduler
     if scheduler_kind(scheduler) == "flow":

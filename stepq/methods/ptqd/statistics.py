@@ -270,7 +270,7 @@ class ErrorAccumulator:
 
 
 def _prediction(out: Any, guidance_scale: float, channels: int | None) -> Tensor:
-    from stepq.samplers import model_output
+    from stepq.calibration.samplers import model_output
 
     y = model_output(out)
     if channels is not None and y.shape[1] != channels:

@@ -1,7 +1,7 @@
-"""PTQD's program state saved with the model (``stepq.compiler.artifact.STATE_CODECS``).
+"""PTQD's program state saved with the model (registered in ``stepq.artifact.store.STATE_CODECS``).
 
-``prog.state["ptqd"]`` (``PTQDStats``: k, b, σ_q, SNR^Q tables and the normality test) and
-``prog.state["ptqd_bits"]`` (``MixedPrecision``: the bits table and the SNR curves it came from)
+``prog.state.ptqd`` (``PTQDStats``: k, b, σ_q, SNR^Q tables and the normality test) and
+``prog.state.ptqd_bits`` (``MixedPrecision``: the bits table and the SNR curves it came from)
 are stored as tensors in ``model.safetensors`` (``__state__.<key>.<name>``) with a small JSON entry
 in the manifest, so a loaded model can rebuild ``PTQDScheduler`` and re-run the PTQD passes.
 """
@@ -13,11 +13,10 @@ from typing import Any
 
 from torch import Tensor
 
-from stepq.compiler import meta
-from stepq.compiler.artifact import STATE_CODECS
+from stepq.artifact.store import STATE_CODECS
 from stepq.compiler.errors import ArtifactError
-from stepq.ptqd.mixed import MixedPrecision
-from stepq.ptqd.statistics import PTQDStats
+from stepq.methods.ptqd.mixed import MixedPrecision
+from stepq.methods.ptqd.statistics import PTQDStats
 
 __all__ = ["register_codecs"]
 
@@ -54,5 +53,5 @@ def _decode_bits(j: Mapping[str, Any], ts: Mapping[str, Tensor]) -> MixedPrecisi
 
 def register_codecs() -> None:
     """Register both codecs (idempotent)."""
-    STATE_CODECS[meta.STATE_PTQD] = (_encode_stats, _decode_stats)
-    STATE_CODECS[meta.STATE_PTQD_BITS] = (_encode_bits, _decode_bits)
+    STATE_CODECS["ptqd"] = (_encode_stats, _decode_stats)
+    STATE_CODECS["ptqd_bits"] = (_encode_bits, _decode_bits)

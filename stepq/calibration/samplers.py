@@ -20,9 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from stepq.ptqd.scheduler import PTQDScheduler
-
-__all__ = ["DenoiseFn", "PTQDScheduler", "default_make_inputs", "fresh_scheduler", "make_denoiser", "model_output",
+__all__ = ["DenoiseFn", "default_make_inputs", "fresh_scheduler", "make_denoiser", "model_output",
            "sample"]
 
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]

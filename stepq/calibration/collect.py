@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from stepq.calibration.samplers import MakeInputs, default_make_inputs, make_denoiser, sample
 from stepq.compiler.errors import CalibrationError
-from stepq.samplers import MakeInputs, default_make_inputs, make_denoiser, sample
 
 __all__ = ["CalibrationData", "collect"]
 

@@ -23,10 +23,10 @@ import torch
 import torch.fx
 from torch import Tensor
 
+from stepq.artifact.quantized_model import QuantizedModel
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import PreconditionError
 from stepq.compiler.graph_utils import delete_attr, fetch_attr, has_attr
-from stepq.compiler.quantized_model import QuantizedModel
 from stepq.passes.select_bits import BITS_TABLE
 
 __all__ = ["LayerCost", "MixedPrecision", "bit_operations", "choose_bits", "forward_snr", "layer_costs",
@@ -100,7 +100,7 @@ def specialize(qm: QuantizedModel, bits: int) -> QuantizedModel:
     if cfg is None or bits not in cfg.mixed_bits:
         raise PreconditionError(f"cannot specialize to {bits} bits; the model's widths are "
                                 f"{() if cfg is None else cfg.mixed_bits}")
-    prog = qm.program.replace(gm=copy.deepcopy(qm.program.gm), state=dict(qm.program.state),
+    prog = qm.program.replace(gm=copy.deepcopy(qm.program.gm), state=qm.program.state.copy(),
                               history=list(qm.program.history))
     gm = prog.gm
     switch_attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.meta.get(meta.PTQD_NODE) == "select_bits"}

@@ -1,6 +1,6 @@
-"""Save and load a QuantizedModel: a directory with ``model.safetensors`` and ``manifest.json``.
+"""Save and load a converted program: a directory with ``model.safetensors`` and ``manifest.json``.
 
-Nothing is pickled: the graph is JSON (``stepq.compiler.serialize``), tensors are safetensors, the
+Nothing is pickled: the graph is JSON (``stepq.artifact.serialize``), tensors are safetensors, the
 recipe and signature are JSON. Saving writes into a temporary sibling directory and renames it into
 place, so a failed save leaves the previous artefact (or nothing) behind, never half a file. Loading
 checks the format version and the SHA-256 of the tensor file, and names the file at fault.
@@ -19,22 +19,25 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from stepq.artifact.report import LayerReport
+from stepq.artifact.serialize import graph_from_json, graph_to_json
 from stepq.compiler.errors import ArtifactError
 from stepq.compiler.program import InputSignature, Program
-from stepq.compiler.quantized_model import STATE_REPORT, QuantizedModel
-from stepq.compiler.report import LayerReport
-from stepq.compiler.serialize import graph_from_json, graph_to_json
-from stepq.compiler.specs import Recipe
+from stepq.compiler.state import STATE_VERSION, ProgramState
+from stepq.recipe.specs import Recipe
 
-__all__ = ["FORMAT", "STATE_CODECS", "load", "save_quantized"]
+__all__ = ["FORMAT", "STATE_CODECS", "load_program", "save_program"]
 
 FORMAT = "stepq.quantized_model"
 VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
 
-#: extra program state saved with the model: key -> (to (json, tensors), from (json, tensors)).
-#: Method issues register their state here (PTQD statistics, bit schedules, ...).
+#: ``ProgramState`` fields saved with the model besides the report: field -> (encode, decode), where
+#: encode(value) -> (json, {name: tensor}) and decode(json, tensors) -> value; the tensors go to
+#: ``model.safetensors`` as ``__state__.<field>.<name>``. A method registers the codecs of its own
+#: fields (``stepq.methods.ptqd.state``); fields without one (calibration statistics, training
+#: curves) are not part of the deployed artefact.
 STATE_CODECS: dict[str, tuple[Any, Any]] = {}
 
 
@@ -70,13 +73,14 @@ def _atomic_dir(target: Path, write) -> None:
         raise
 
 
-def save_quantized(qm: QuantizedModel, path: str | os.PathLike[str]) -> None:
-    prog = qm.program
+def save_program(prog: Program, path: str | os.PathLike[str]) -> None:
+    """Write a converted program (graph, tensors, recipe, signature, report, saved state fields)."""
     graph, tensors = graph_to_json(prog.gm)
     extra_json: dict[str, Any] = {}
     for key, (encode, _) in STATE_CODECS.items():
-        if key in prog.state:
-            j, ts = encode(prog.state[key])
+        value = getattr(prog.state, key)
+        if value is not None:
+            j, ts = encode(value)
             extra_json[key] = j
             for name, t in ts.items():
                 tensors[f"__state__.{key}.{name}"] = t.detach().contiguous().clone()
@@ -90,7 +94,8 @@ def save_quantized(qm: QuantizedModel, path: str | os.PathLike[str]) -> None:
         "signature": prog.signature.to_dict(),
         "recipe": prog.recipe.to_dict(),
         "history": list(prog.history),
-        "report": [r.to_dict() for r in prog.state.get(STATE_REPORT, [])],
+        "report": [r.to_dict() for r in prog.state.report],
+        "state_version": STATE_VERSION,
         "state": extra_json,
         "graph": graph,
     }
@@ -104,8 +109,8 @@ def save_quantized(qm: QuantizedModel, path: str | os.PathLike[str]) -> None:
     _atomic_dir(Path(path), write)
 
 
-def load(path: str | os.PathLike[str]) -> QuantizedModel:
-    """Load a QuantizedModel saved with ``QuantizedModel.save``."""
+def load_program(path: str | os.PathLike[str]) -> Program:
+    """Read a converted program written by ``save_program`` (checked: format, versions, checksum)."""
     root = Path(path)
     mpath, tpath = root / MANIFEST, root / TENSORS
     if not mpath.is_file():
@@ -121,6 +126,9 @@ def load(path: str | os.PathLike[str]) -> QuantizedModel:
         raise ArtifactError(f"{mpath}: not a stepq quantized model (format {manifest.get('format')!r})")
     if manifest.get("version") != VERSION:
         raise ArtifactError(f"{mpath}: artefact version {manifest.get('version')!r} is not supported (expected {VERSION})")
+    if manifest.get("state_version", 1) not in (1, STATE_VERSION):
+        raise ArtifactError(f"{mpath}: program state version {manifest.get('state_version')!r} is not supported "
+                            f"(expected {STATE_VERSION})")
     if _sha256(tpath) != manifest.get("tensors_sha256"):
         raise ArtifactError(f"{tpath}: checksum mismatch; the file is corrupt or does not belong to this manifest")
     try:
@@ -143,9 +151,10 @@ def load(path: str | os.PathLike[str]) -> QuantizedModel:
                    sample_arg=manifest.get("sample_arg"), model_name=manifest.get("model_name", "?"),
                    timestep_scale=float(manifest.get("timestep_scale", 1.0)), recipe=recipe, stage="converted",
                    history=list(manifest.get("history", [])))
-    prog.state[STATE_REPORT] = [LayerReport(**r) for r in manifest.get("report", [])]
+    state = ProgramState(report=[LayerReport(**r) for r in manifest.get("report", [])])
     for key, j in manifest.get("state", {}).items():
         if key not in STATE_CODECS:
             raise ArtifactError(f"{mpath}: unknown program state {key!r} (saved by a newer stepq?)")
-        prog.state[key] = STATE_CODECS[key][1](j, state_tensors.get(key, {}))
-    return QuantizedModel(prog)
+        setattr(state, key, STATE_CODECS[key][1](j, state_tensors.get(key, {})))
+    prog.state = state
+    return prog

@@ -21,8 +21,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from stepq.compiler.errors import CalibrationError
-from stepq.compiler.specs import QuantSpec
 from stepq.compiler.timesteps import timestep_index
+from stepq.recipe.specs import QuantSpec
 
 __all__ = ["ActivationObserver", "ActivationStats", "Reservoir"]
 

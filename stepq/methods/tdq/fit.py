@@ -37,10 +37,10 @@ import torch
 import torch.fx
 from tqdm.auto import tqdm
 
+from stepq.calibration.probe import run_without_quantizers
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import CalibrationError, PreconditionError
 from stepq.compiler.program import Program
-from stepq.compiler.report import run_without_quantizers
 from stepq.passes.insert_scale_source import SCALE_SOURCE
 
 __all__ = ["fit_scale_source", "merge_batches"]

@@ -98,7 +98,7 @@ def attach_synthetic_tables(prog: Any, *, seed: int = 0, spread: float = 0.25) -
     """Per-timestep tables for every activation quantizer of a calibrated program: the static scale
     times a smooth factor in [1 − spread, 1 + spread] over t, the static zero point ± a few levels."""
     from stepq.compiler import meta
-    from stepq.passes.attach_timestep_tables import TimestepTable
+    from stepq.compiler.state import TimestepTable
 
     g = torch.Generator().manual_seed(seed)
     T = prog.recipe.num_train_timesteps
@@ -114,7 +114,7 @@ def attach_synthetic_tables(prog: Any, *, seed: int = 0, spread: float = 0.25) -
         qmin, qmax = node.args[3], node.args[4]
         zt = torch.clamp(z + torch.round(2 * torch.cos(freq * 6.28 * t + phase)), qmin, qmax)
         tables[node.meta[meta.ACT_QUANTIZER]] = TimestepTable(s * factor, zt)
-    prog.state[meta.STATE_TIMESTEP_TABLES] = tables
+    prog.state.timestep_tables = tables
     return len(tables)
 
 

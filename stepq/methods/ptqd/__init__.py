@@ -11,9 +11,8 @@
 
 from __future__ import annotations
 
-from stepq.compiler.specs import PTQDConfig
-from stepq.ptqd.apply import apply, copy_model, scheduler_for, with_config
-from stepq.ptqd.mixed import (
+from stepq.methods.ptqd.apply import apply, copy_model, scheduler_for, with_config
+from stepq.methods.ptqd.mixed import (
     LayerCost,
     MixedPrecision,
     bit_operations,
@@ -23,9 +22,17 @@ from stepq.ptqd.mixed import (
     set_bits,
     specialize,
 )
-from stepq.ptqd.scheduler import PTQDScheduler, UnsupportedSchedulerError, scheduler_kind
-from stepq.ptqd.state import register_codecs
-from stepq.ptqd.statistics import ErrorAccumulator, Normality, PTQDStats, fill_table, measure, predictions
+from stepq.methods.ptqd.scheduler import PTQDScheduler, UnsupportedSchedulerError, scheduler_kind
+from stepq.methods.ptqd.state import register_codecs
+from stepq.methods.ptqd.statistics import (
+    ErrorAccumulator,
+    Normality,
+    PTQDStats,
+    fill_table,
+    measure,
+    predictions,
+)
+from stepq.recipe.specs import PTQDConfig
 
 __all__ = [
     "ErrorAccumulator",
@@ -51,5 +58,6 @@ __all__ = [
     "specialize",
     "with_config",
 ]
+
 
 register_codecs()
