@@ -9,6 +9,8 @@ propagates. For them the bound is 2× that floor (see docs/ONNX.md, "Numerics").
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +19,24 @@ from stepq.calibration.samplers import model_output
 from stepq.testing.onnx_cases import available_cases, get_case, quantized_case, rel_l2
 
 TIMESTEPS = (990, 500, 30)
+KERNEL_TABLE = Path(__file__).parents[1] / "docs" / "results" / "onnx_kernels.md"
+
+
+def recorded_kernels() -> dict[tuple[str, str], dict[str, int]]:
+    """The kernel counts docs/results/onnx_kernels.md recorded (benchmarks/onnx_kernels.py) before the
+    compiler was reshaped: (model, recipe) -> quantized layers, integer, weight-only, float, in float."""
+    lines = [ln for ln in KERNEL_TABLE.read_text().splitlines() if ln.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    out = {}
+    for ln in lines[2:]:
+        row = dict(zip(head, (c.strip() for c in ln.strip("|").split("|"))))
+        out[(row["model"], row["recipe"])] = {k: int(row[k]) for k in ("quantized layers", "integer", "weight-only",
+                                                                      "float", "quantized in float")}
+    return out
+
+
+def test_the_kernel_table_covers_every_case():
+    assert {m for m, _ in recorded_kernels()} == set(available_cases())
 
 
 @pytest.mark.slow
@@ -31,6 +51,10 @@ def test_family_integer_kernels_and_numerics(tmp_path, name, recipe):
     counts = sx.count_kernels(tmp_path / "m.onnx")
     assert counts.integer["MatMulIntegerToFloat"] == len(qm.quantized_layers()) > 0
     assert counts.quantized_in_float == []
+    # the same kernels as recorded in docs/results/onnx_kernels.md
+    assert {"quantized layers": len(qm.quantized_layers()), "integer": counts.n_integer,
+            "weight-only": counts.n_weight_only, "float": counts.n_float,
+            "quantized in float": len(counts.quantized_in_float)} == recorded_kernels()[(name, recipe)]
     om = sx.load(tmp_path / "m.onnx", threads=1)
     inputs = [case.inputs(2, t, 17) for t in TIMESTEPS]
     refs = [model_output(qm(**x)) for x in inputs]
