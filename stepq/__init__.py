@@ -3,7 +3,8 @@
     qm = stepq.quantize(model, example_inputs, recipe="w8a8", calibration=data)
     qm(**inputs); qm.report(); qm.save(path); stepq.load(path)
 
-Step by step: ``capture`` → ``prepare`` → ``calibrate`` → ``convert``.
+Step by step: ``capture`` → ``prepare`` → ``calibrate`` → (``train``) → ``convert``; the stages of
+every phase are listed in one place, ``stepq.build_pipeline(recipe)``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging as _logging
 
 from stepq.artifact.quantized_model import QuantizedModel, load
 from stepq.compiler import ops as _ops  # noqa: F401  - registers the stepq:: ops
-from stepq.compiler.api import calibrate, convert, prepare, quantize
+from stepq.compiler.api import calibrate, convert, prepare, quantize, train
 from stepq.compiler.capture import capture
 from stepq.compiler.errors import (
     ArtifactError,
@@ -24,6 +25,7 @@ from stepq.compiler.errors import (
     StepqError,
     TimestepRangeError,
 )
+from stepq.compiler.pipeline import At, build_pipeline
 from stepq.compiler.program import Program
 from stepq.methods import ptqd
 from stepq.recipe.presets import get_preset, preset_names
@@ -45,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError",
+    "At",
     "CalibrationError",
     "CaptureError",
     "InputSignatureError",
@@ -65,6 +68,7 @@ __all__ = [
     "RecipeError",
     "StepqError",
     "TimestepRangeError",
+    "build_pipeline",
     "calibrate",
     "capture",
     "convert",
@@ -74,6 +78,7 @@ __all__ = [
     "preset_names",
     "ptqd",
     "quantize",
+    "train",
 ]
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())

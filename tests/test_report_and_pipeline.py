@@ -33,11 +33,27 @@ def test_report_rows_and_output_layer_sqnr(capsys):
     assert all(r.sqnr_db is None or not math.isnan(r.sqnr_db) for r in rows)
 
 
-def test_pipeline_lists_passes_in_order_and_skips_with_a_reason(caplog):
-    names = [p.name for p in build_pipeline(stepq.get_preset("w8a8"))]
-    assert names == ["canonicalize_export", "annotate_layers", "insert_quantizers"]
-    skipped = build_pipeline(Recipe(name="float"))[-1]
-    assert isinstance(skipped, Skip) and "floating point" in skipped.reason
+def test_pipeline_lists_every_stage_in_order_and_skips_with_a_reason(caplog):
+    stages = build_pipeline(stepq.get_preset("w8a8"))
+    ran = [(s.phase, s.name) for s in stages if not isinstance(s.item, Skip)]
+    assert ran == [("prepare", "canonicalize_export"), ("prepare", "annotate_layers"), ("prepare", "insert_quantizers"),
+                   ("calibrate", "observe"), ("calibrate", "materialize_quantizers"), ("convert", "report"),
+                   ("convert", "attach_timestep_tables"), ("convert", "quantize_weights")]
+    skipped = {s.name: s.item.reason for s in stages if isinstance(s.item, Skip)}
+    assert skipped == {"insert_scale_source": "the recipe has no TDQ section",
+                       "fit_scale_source": "the recipe has no TDQ section",
+                       "train_qat": "the recipe has no QAT section",
+                       "freeze_scale_source": "the recipe has no TDQ section",
+                       "select_bits": "the recipe has no PTQD mixed precision",
+                       "correct_noise": "the recipe has no PTQD section",
+                       "measure_ptqd": "the recipe has no PTQD section"}
+    float_prepare = [s.item for s in build_pipeline(Recipe(name="float")) if s.phase == "prepare"]
+    assert isinstance(float_prepare[-1], Skip) and "floating point" in float_prepare[-1].reason
+    # every recipe section adds its stages, in the order the methods need them
+    names = [s.name for s in build_pipeline(stepq.get_preset("mixed-tdq-ptqd")) if not isinstance(s.item, Skip)]
+    assert names.index("insert_scale_source") < names.index("fit_scale_source") < names.index("freeze_scale_source")
+    assert names.index("attach_timestep_tables") < names.index("select_bits") < names.index("quantize_weights")
+    assert names[-1] == "measure_ptqd"
 
 
 class _Boom:
@@ -62,7 +78,7 @@ class _Breaks:
 def test_failing_pass_is_named_with_the_passes_before_it():
     m = build_random_denoiser(RandomDenoiserConfig(kind="dit"))
     prog = stepq.capture(m, calib_set(1)[0])
-    passes = build_pipeline(stepq.get_preset("w8a8"))[:2] + [_Boom()]
+    passes = [s.item for s in build_pipeline(stepq.get_preset("w8a8"))[:2]] + [_Boom()]
     prog.recipe = stepq.get_preset("w8a8")
     with pytest.raises(stepq.PassError, match=r"pass 'boom' failed: ValueError: bad node foo \(after the following "
                                               r"passes: canonicalize_export, annotate_layers\)"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
@@ -18,9 +18,10 @@ import torch.fx
 from stepq.calibration.probe import collect_layer_outputs, sqnr_db
 from stepq.compiler import meta, ops
 from stepq.compiler.graph_utils import fetch_attr
+from stepq.compiler.pass_manager import CompileInputs, Contract, PassResult, StageIs, Step
 from stepq.compiler.program import Program
 
-__all__ = ["LayerReport", "format_report", "layer_reports"]
+__all__ = ["LayerReport", "Report", "format_report", "layer_reports"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +108,14 @@ def format_report(rows: list[LayerReport], title: str = "") -> str:
     if finite:
         lines.append(f"{len(rows)} layers; SQNR min {min(finite):.1f} dB, median {sorted(finite)[len(finite) // 2]:.1f} dB")
     return "\n".join(lines)
+
+
+class Report(Step):
+    """Convert's first step: the per-layer report on the kept calibration batch (count = rows)."""
+
+    name = "report"
+    contract: ClassVar[Contract] = Contract(requires=(StageIs(("calibrated", "prepared")),))
+
+    def __call__(self, prog: Program, inputs: CompileInputs) -> PassResult:
+        prog.state.report = layer_reports(prog, prog.state.report_batch if inputs.report else None)
+        return PassResult(len(prog.state.report))

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
@@ -24,7 +25,7 @@ from stepq.compiler.errors import CalibrationError
 from stepq.compiler.timesteps import timestep_index
 from stepq.recipe.specs import QuantSpec
 
-__all__ = ["ActivationObserver", "ActivationStats", "Reservoir"]
+__all__ = ["ActivationObserver", "ActivationStats", "Reservoir", "observer_nodes"]
 
 
 @dataclass
@@ -178,3 +179,14 @@ class ActivationObserver(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer={self.layer!r}, bits={self.spec.bits}, observer={self.spec.observer.kind}"
+
+
+def observer_nodes(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, ActivationObserver]]:
+    """The graph's observer nodes with their modules, in graph order."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, ActivationObserver):
+                out.append((node, mod))
+    return out

@@ -32,7 +32,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,6 +43,7 @@ from stepq.compiler.program import Program
 
 __all__ = [
     "DUMP_ENV",
+    "CompileInputs",
     "Condition",
     "Contract",
     "NodeFilter",
@@ -56,9 +57,11 @@ __all__ = [
     "Skip",
     "StageIs",
     "StateHas",
+    "Step",
     "check_conditions",
     "dump_graph",
     "lint",
+    "resolve_dump",
     "run_passes",
 ]
 
@@ -239,6 +242,46 @@ class Pass:
         return f"{type(self).__name__}()"
 
 
+@dataclass
+class CompileInputs:
+    """What the stages of one compile read besides the program: the data and the FP model.
+
+    ``calibration``: denoiser input dicts (or argument tuples) along FP trajectories;
+    ``train_data``: (inputs, ε) batches for QAT; ``fp_model``: the floating-point model (PTQD's
+    reference); ``ptqd_data``: inputs for PTQD's statistics (default: ``calibration``);
+    ``ptqd_scheduler``: the scheduler whose ᾱ_t gives SNR^F. Steps may keep what later steps of the
+    same compile read (``kept``: the bound calibration calls the TDQ fit replays).
+    """
+
+    calibration: Any = None
+    max_batches: int | None = None
+    train_data: Any = None
+    fp_model: Any = None
+    ptqd_data: Any = None
+    ptqd_scheduler: Any = None
+    report: bool = True
+    progress: bool = True
+    kept: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Step:
+    """Base class of a stage that computes instead of rewriting the graph: it runs the program on
+    data (calibration, a fit, training, statistics) and writes program state or parameters.
+
+    ``__call__(prog, inputs)`` returns a ``PassResult`` whose count says how much it did (batches
+    seen, fit steps, buffers written); the manager checks its contract, times and dumps it like a pass.
+    """
+
+    name: ClassVar[str] = "step"
+    contract: ClassVar[Contract] = Contract()
+
+    def __call__(self, prog: Program, inputs: CompileInputs) -> PassResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
 @dataclass(frozen=True)
 class Skip:
     """A placeholder for an optional stage the pipeline left out, with the reason (logged)."""
@@ -307,9 +350,10 @@ def resolve_dump(dump: str | os.PathLike[str] | None) -> Path | None:
     return Path(env) if env else None
 
 
-def run_passes(prog: Program, passes: Iterable[Any], *, dump: str | os.PathLike[str] | None = None,
-               check: bool = True) -> list[PassRecord]:
-    """Run ``passes`` on ``prog`` in order (``Skip`` and ``None`` are logged and left out).
+def run_passes(prog: Program, passes: Iterable[Any], *, inputs: CompileInputs | None = None,
+               dump: str | os.PathLike[str] | None = None, check: bool = True) -> list[PassRecord]:
+    """Run ``passes`` (and ``Step`` s, given ``inputs``) on ``prog`` in order (``Skip`` and ``None``
+    are logged and left out).
 
     With ``check`` (the default) each pass's ``contract.requires`` is checked before it and
     ``contract.produces`` after it. ``dump`` (or ``$STEPQ_DUMP_DIR``) is a folder that receives the
@@ -332,9 +376,11 @@ def run_passes(prog: Program, passes: Iterable[Any], *, dump: str | os.PathLike[
                 raise PreconditionError(f"pass {p.name!r} requires {cond.describe()}: {why}")
         start = time.perf_counter()
         try:
-            result = p(prog)
+            result = p(prog, inputs if inputs is not None else CompileInputs()) if isinstance(p, Step) else p(prog)
         except StepqError as e:
-            if isinstance(e, PassError):
+            # a step's typed error is about its inputs (empty or non-finite data, a missing model):
+            # the user catches it as it is; a pass's is a compiler failure, named with the passes before it
+            if isinstance(e, PassError) or isinstance(p, Step):
                 raise
             raise PassError(p.name, done, e) from e
         except Exception as e:

@@ -1,12 +1,34 @@
-"""The whole pipeline, in order. Optional passes appear inline; a left-out pass says why.
+"""The whole pipeline: every stage of every recipe, in order, in one function.
 
-    capture → prepare (build_pipeline) → calibrate (observers, then materialize) → convert
-    (build_convert_pipeline) → lower (a backend)
+    capture → prepare → calibrate → train → convert → ptqd → lower (a backend)
+
+``build_pipeline(recipe)`` lists the stages; a stage is a graph pass (``Pass``: a rewrite), a
+``Step`` (maths on data: calibration, a fit, training, statistics) or a ``Skip`` that says why a
+recipe leaves it out. ``stepq.prepare`` / ``calibrate`` / ``train`` / ``convert`` and
+``stepq.ptqd.apply`` each run the stages of their phase (``run_phase``); nothing else lists passes.
+A user's pass goes in at a named point with ``At`` (``passes=[At(MyPass(), after="insert_quantizers")]``
+on any of those calls, docs/PASSES.md). EfficientDM's LoRA fold and TerDiT's RMSNorm insertion will
+be two more lines here.
+
+This module and ``stepq.compiler.api`` are the drivers: the only compiler modules that import
+passes, methods and the artefact (tests/test_layering.py).
 """
 
 from __future__ import annotations
 
-from stepq.compiler.pass_manager import Pass, Skip
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from stepq.artifact.report import Report
+from stepq.calibration.observe import Observe
+from stepq.compiler.errors import RecipeError
+from stepq.compiler.pass_manager import CompileInputs, Pass, PassRecord, Skip, Step, resolve_dump, run_passes
+from stepq.compiler.program import Program
+from stepq.methods.ptqd.steps import MeasurePTQD
+from stepq.methods.qat import TrainQAT
+from stepq.methods.tdq import FitScaleSource
 from stepq.passes import (
     AnnotateLayers,
     AttachTimestepTables,
@@ -21,43 +43,120 @@ from stepq.passes import (
 )
 from stepq.recipe.specs import Recipe
 
-__all__ = ["build_calibration_pipeline", "build_convert_pipeline", "build_pipeline"]
+__all__ = ["PHASES", "At", "Stage", "build_pipeline", "run_phase"]
+
+#: the phases, in order; each public step of the API runs one.
+PHASES = ("prepare", "calibrate", "train", "convert", "ptqd")
 
 
-def build_pipeline(recipe: Recipe) -> list[Pass | Skip | None]:
-    """Passes run by ``prepare``."""
-    return [
-        # canonical form: what torch.export leaves that later stages cannot take
-        CanonicalizeExport(),
-        # policy: the recipe annotates every quantizable op
-        AnnotateLayers(recipe),
-        # mechanism: quantizers and observers where the annotations ask for them
-        InsertQuantizers() if recipe.quantizes_anything else Skip("insert_quantizers", "the recipe keeps every layer in floating point"),
-    ]
+@dataclass(frozen=True)
+class Stage:
+    """One line of the pipeline: the phase it belongs to and what runs."""
+
+    phase: str
+    item: Pass | Step | Skip
+
+    @property
+    def name(self) -> str:
+        return self.item.name
 
 
-def build_calibration_pipeline(recipe: Recipe) -> list[Pass | Skip | None]:
-    """Passes run by ``calibrate`` once the observers have seen the data."""
-    return [
-        # observers → fake-quant ops with frozen scales
-        MaterializeQuantizers(),
-        # TDQ: step sizes from generators (or a free per-timestep table) of the timestep, trained next
-        InsertScaleSource() if recipe.tdq is not None else Skip("insert_scale_source", "the recipe has no TDQ section"),
-    ]
+@dataclass(frozen=True)
+class At:
+    """A user's pass (or step) put into the pipeline right ``after`` or ``before`` the stage of that
+    name; it runs in that stage's phase. ``At(MyPass(), after="annotate_layers")``."""
+
+    item: Pass | Step
+    after: str | None = None
+    before: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.after is None) == (self.before is None):
+            raise RecipeError(f"At({self.item!r}): give exactly one of after= or before=")
+        if not callable(self.item) or not isinstance(getattr(self.item, "name", None), str):
+            raise RecipeError(f"At: {self.item!r} is not a pass (a callable with a string `name`)")
+
+    @property
+    def anchor(self) -> str:
+        return self.after if self.after is not None else self.before  # type: ignore[return-value]
 
 
-def build_convert_pipeline(recipe: Recipe) -> list[Pass | Skip | None]:
-    """Passes run by ``convert``."""
-    return [
-        # TDQ: generators evaluated at every training timestep → tables; the generators go
-        FreezeScaleSource() if recipe.tdq is not None else Skip("freeze_scale_source", "the recipe has no TDQ section"),
-        # activation scales → gathers from per-timestep tables (those in prog.state)
-        AttachTimestepTables(),
+def build_pipeline(recipe: Recipe, passes: Sequence[At] = ()) -> list[Stage]:
+    """Every stage for ``recipe``, in order, with the user's passes spliced in."""
+    tdq, qat, ptqd = recipe.tdq, recipe.qat, recipe.ptqd
+    mixed = ptqd is not None and bool(ptqd.mixed_bits)
+    fit = tdq is not None and qat is None and tdq.fit_steps > 0
+    no_tdq = "the recipe has no TDQ section"
+    stages = [
+        # prepare: canonical form, policy (the recipe annotates every quantizable op), mechanism
+        Stage("prepare", CanonicalizeExport()),
+        Stage("prepare", AnnotateLayers(recipe)),
+        Stage("prepare", InsertQuantizers() if recipe.quantizes_anything
+              else Skip("insert_quantizers", "the recipe keeps every layer in floating point")),
+        # calibrate: the observers see FP-trajectory data, then become fake-quant ops with frozen scales
+        Stage("calibrate", Observe(keep_calls=fit)),
+        Stage("calibrate", MaterializeQuantizers()),
+        # TDQ: step sizes from a scale source of t (generators, or a free per-step table), fitted in PTQ
+        Stage("calibrate", InsertScaleSource() if tdq is not None else Skip("insert_scale_source", no_tdq)),
+        Stage("calibrate", FitScaleSource() if fit else Skip(
+            "fit_scale_source", no_tdq if tdq is None else "the recipe trains (QAT)" if qat is not None
+            else "TDQConfig.fit_steps is 0")),
+        # train: LSQ quantization-aware training on the denoising loss
+        Stage("train", TrainQAT() if qat is not None else Skip("train_qat", "the recipe has no QAT section")),
+        # convert: the per-layer report, then frozen tables and integer weights
+        Stage("convert", Report()),
+        Stage("convert", FreezeScaleSource() if tdq is not None else Skip("freeze_scale_source", no_tdq)),
+        Stage("convert", AttachTimestepTables()),
         # PTQD step-aware mixed precision: a branch per activation width, picked by a bits table gathered by t
-        SelectBits() if recipe.ptqd is not None and recipe.ptqd.mixed_bits
-        else Skip("select_bits", "the recipe has no PTQD mixed precision"),
-        # PTQD: (ε̂ − b_t)/(1 + k_t) on the output; identity until stepq.methods.ptqd.apply measures the statistics
-        CorrectNoise() if recipe.ptqd is not None else Skip("correct_noise", "the recipe has no PTQD section"),
-        # weights → integers (packed below 8 bits) + dequantize
-        QuantizeWeights(),
+        Stage("convert", SelectBits() if mixed else Skip("select_bits", "the recipe has no PTQD mixed precision")),
+        # PTQD: (ε̂ − b_t)/(1 + k_t) on the output; the identity until the ptqd phase measures k, b
+        Stage("convert", CorrectNoise() if ptqd is not None else Skip("correct_noise", "the recipe has no PTQD section")),
+        Stage("convert", QuantizeWeights()),
+        # ptqd: statistics against the FP model choose the bits and fill the correction tables
+        Stage("ptqd", MeasurePTQD() if ptqd is not None else Skip("measure_ptqd", "the recipe has no PTQD section")),
     ]
+    return _splice(stages, passes)
+
+
+def _splice(stages: list[Stage], passes: Sequence[At]) -> list[Stage]:
+    out = list(stages)
+    for at in passes:
+        if not isinstance(at, At):
+            raise RecipeError(f"passes= takes stepq.At(...) entries, got {type(at).__name__}")
+        hits = [i for i, s in enumerate(out) if s.name == at.anchor]
+        if not hits:
+            names = ", ".join(dict.fromkeys(s.name for s in out))
+            raise RecipeError(f"At({at.item!r}): no stage {at.anchor!r} in the pipeline; the stages are {names}")
+        i = hits[-1] + 1 if at.after is not None else hits[0]
+        out.insert(i, Stage(out[hits[0]].phase, at.item))
+    return out
+
+
+def run_phase(prog: Program, phase: str, inputs: CompileInputs | None = None, *, passes: Sequence[At] = (),
+              dump: str | os.PathLike[str] | None = None) -> list[PassRecord]:
+    """Run the stages of ``phase`` of ``prog``'s recipe on ``prog`` (in place)."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; the phases are {', '.join(PHASES)}")
+    items = [s.item for s in build_pipeline(prog.recipe, passes) if s.phase == phase]
+    records = run_passes(prog, items, inputs=inputs, dump=dump)
+    folder = resolve_dump(dump)
+    if folder is not None:
+        _index(folder, phase, items, records)
+    return records
+
+
+def _index(folder: Path, phase: str, items: list[Pass | Step | Skip], records: list[PassRecord]) -> None:
+    """Append the phase's stages to ``folder/index.txt``: what ran (rewrites, seconds, its dump
+    file) and what was skipped, with the reason."""
+    done = iter(records)
+    lines = []
+    for item in items:
+        if isinstance(item, Skip):
+            lines.append(f"{phase:9s} {item.name:24s} skipped: {item.reason}")
+            continue
+        rec = next(done)
+        file = rec.dump.name if rec.dump is not None else "-"
+        what = "done" if isinstance(item, Step) else "rewrite(s)"
+        lines.append(f"{phase:9s} {rec.name:24s} {rec.result.count:6d} {what:10s} {rec.seconds:9.3f}s  {file}")
+    with open(folder / "index.txt", "a") as f:
+        f.write("\n".join(lines) + "\n")

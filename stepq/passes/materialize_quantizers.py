@@ -12,9 +12,7 @@ Requires: observers that saw data. Guarantees: no observer left; one fake_quant 
 
 from __future__ import annotations
 
-import torch.fx
-
-from stepq.calibration.observers import ActivationObserver
+from stepq.calibration.observers import observer_nodes
 from stepq.calibration.qparams import activation_qparams
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import CalibrationError
@@ -23,16 +21,6 @@ from stepq.compiler.pass_manager import PassResult
 from stepq.compiler.program import Program
 
 __all__ = ["MaterializeQuantizers", "observer_nodes"]
-
-
-def observer_nodes(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, ActivationObserver]]:
-    out = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            if isinstance(mod, ActivationObserver):
-                out.append((node, mod))
-    return out
 
 
 class MaterializeQuantizers:

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -29,12 +29,13 @@ from tqdm.auto import tqdm
 
 from stepq.calibration.samplers import model_output
 from stepq.compiler import meta, ops
-from stepq.compiler.errors import PreconditionError
+from stepq.compiler.errors import PreconditionError, RecipeError
 from stepq.compiler.graph_utils import arg_node
+from stepq.compiler.pass_manager import CompileInputs, Contract, PassResult, RecipeHas, StageIs, Step
 from stepq.compiler.program import Program
 from stepq.passes.insert_scale_source import SCALE_SOURCE
 
-__all__ = ["denoising_batches", "make_trainable", "train_qat"]
+__all__ = ["TrainQAT", "denoising_batches", "make_trainable", "train_qat"]
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +166,18 @@ def train_qat(
     for p in floats + scales + source:
         p.requires_grad_(False)
     return curve
+
+
+class TrainQAT(Step):
+    """LSQ quantization-aware training on ``inputs.train_data`` (count = training steps)."""
+
+    name = "train_qat"
+    contract: ClassVar[Contract] = Contract(requires=(RecipeHas("qat"), StageIs(("calibrated",))))
+
+    def __call__(self, prog: Program, inputs: CompileInputs) -> PassResult:
+        cfg = prog.recipe.qat
+        if inputs.train_data is None:
+            raise RecipeError(f"recipe {prog.recipe.name!r} trains (QAT); pass train_data=denoising_batches(...)")
+        prog.state.qat_curve = train_qat(prog, inputs.train_data, steps=cfg.steps, lr=cfg.lr, scale_lr=cfg.scale_lr,
+                                         batch_size=cfg.batch_size, progress=inputs.progress)
+        return PassResult(len(prog.state.qat_curve))

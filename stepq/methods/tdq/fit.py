@@ -31,7 +31,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
@@ -40,10 +40,11 @@ from tqdm.auto import tqdm
 from stepq.calibration.probe import run_without_quantizers
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import CalibrationError, PreconditionError
+from stepq.compiler.pass_manager import CompileInputs, Contract, OpPresent, PassResult, RecipeHas, Step
 from stepq.compiler.program import Program
 from stepq.passes.insert_scale_source import SCALE_SOURCE
 
-__all__ = ["fit_scale_source", "merge_batches"]
+__all__ = ["FitScaleSource", "fit_scale_source", "merge_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -169,3 +170,19 @@ def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps:
         p.requires_grad_(False)
     log.info("fit_scale_source: %d steps, loss %.4g -> %.4g", len(curve), curve[0], curve[-1])
     return curve
+
+
+class FitScaleSource(Step):
+    """TDQ in PTQ: fit the scale source on the calibration calls ``Observe`` kept (count = fit steps)."""
+
+    name = "fit_scale_source"
+    contract: ClassVar[Contract] = Contract(
+        requires=(RecipeHas("tdq"), OpPresent(lambda n: n.op == "call_module" and n.target == SCALE_SOURCE,
+                                              "scale source (insert_scale_source)")))
+
+    def __call__(self, prog: Program, inputs: CompileInputs) -> PassResult:
+        cfg = prog.recipe.tdq
+        prog.state.fit_curve = fit_scale_source(
+            prog, inputs.kept, steps=cfg.fit_steps, lr=cfg.fit_lr, batch=cfg.fit_batch, rows=cfg.fit_rows,
+            seed=cfg.seed, time_budget_s=cfg.time_budget_s, objective=cfg.fit_objective, progress=inputs.progress)
+        return PassResult(len(prog.state.fit_curve))

@@ -1,0 +1,69 @@
+"""The calibration step: the data runs through the prepared program and its observers record.
+
+Every item is one denoiser call (a dict of keyword arguments or an argument tuple) recorded along
+FP sampler trajectories (``stepq.calibration.collect``). The first call is kept for convert's
+per-layer report; with ``keep_calls`` every bound call is kept for a later fit (TDQ's PTQ fit
+replays them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from stepq.calibration.observers import observer_nodes
+from stepq.compiler.errors import CalibrationError
+from stepq.compiler.pass_manager import CompileInputs, Contract, PassResult, StageIs, Step
+from stepq.compiler.program import Program
+
+__all__ = ["Observe", "as_call"]
+
+
+def as_call(item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(args, kwargs) of one calibration item."""
+    if isinstance(item, Mapping):
+        return (), dict(item)
+    if isinstance(item, (tuple, list)):
+        return tuple(item), {}
+    raise CalibrationError(f"a calibration item must be a dict of keyword arguments or a tuple, got {type(item).__name__}")
+
+
+class Observe(Step):
+    """Run ``inputs.calibration`` through the program; count = calibration calls seen."""
+
+    name = "observe"
+    contract: ClassVar[Contract] = Contract(requires=(StageIs(("prepared",)),))
+
+    def __init__(self, keep_calls: bool = False):
+        self.keep_calls = keep_calls
+
+    @torch.no_grad()
+    def __call__(self, prog: Program, inputs: CompileInputs) -> PassResult:
+        data = inputs.calibration
+        if data is None:
+            raise CalibrationError("calibration data is None; pass an iterable of input dicts")
+        observers = observer_nodes(prog.gm)
+        total = len(data) if hasattr(data, "__len__") else None
+        if inputs.max_batches is not None and total is not None:
+            total = min(total, inputs.max_batches)
+        first = None
+        n = 0
+        for item in tqdm(data, total=total, desc="calibrate", disable=not inputs.progress or not observers,
+                         leave=False):
+            if inputs.max_batches is not None and n >= inputs.max_batches:
+                break
+            args, kwargs = as_call(item)
+            if first is None:
+                first = prog.bind(args, kwargs)
+            if observers:
+                prog(*args, **kwargs)
+            if self.keep_calls:
+                inputs.kept.append(prog.bind(args, kwargs))
+            n += 1
+        if n == 0:
+            raise CalibrationError("calibration data is empty: it yielded no batches")
+        prog.state.report_batch = first
+        return PassResult(n)
