@@ -41,6 +41,7 @@ from stepq.passes import (
     QuantizeWeights,
     SelectBits,
 )
+from stepq.recipe.presets import get_preset
 from stepq.recipe.specs import Recipe
 
 __all__ = ["PHASES", "At", "Stage", "build_pipeline", "run_phase"]
@@ -81,8 +82,10 @@ class At:
         return self.after if self.after is not None else self.before  # type: ignore[return-value]
 
 
-def build_pipeline(recipe: Recipe, passes: Sequence[At] = ()) -> list[Stage]:
-    """Every stage for ``recipe``, in order, with the user's passes spliced in."""
+def build_pipeline(recipe: Recipe | str, passes: Sequence[At] = ()) -> list[Stage]:
+    """Every stage for ``recipe`` (a Recipe or a preset name), in order, with the user's passes spliced in."""
+    if isinstance(recipe, str):
+        recipe = get_preset(recipe)
     tdq, qat, ptqd = recipe.tdq, recipe.qat, recipe.ptqd
     mixed = ptqd is not None and bool(ptqd.mixed_bits)
     fit = tdq is not None and qat is None and tdq.fit_steps > 0
