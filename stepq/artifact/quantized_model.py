@@ -82,7 +82,7 @@ class QuantizedModel(torch.nn.Module):
         ``"onnx"``; ``stepq.backends.describe()`` lists them) or a ``Backend`` object."""
         if isinstance(backend, str):
             # the one upward import the layering allows: a backend resolved by name, when asked for
-            from stepq.backends.table import get_backend
+            from stepq.backends import get_backend
 
             backend = get_backend(backend)
         return backend.export(self, path, **options)
