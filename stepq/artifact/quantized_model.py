@@ -1,13 +1,15 @@
 """QuantizedModel: the compiled denoiser, an ``nn.Module`` with the original call signature.
 
 It runs the converted graph in PyTorch (the reference backend: simulated quantization with integer
-weights dequantized on the fly), and is what ``save``/``load`` and the other backends start from.
+weights dequantized on the fly), and is what ``save``/``load`` and the other backends start from
+(``qm.export(backend, path)``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,6 +18,9 @@ from stepq.artifact.store import load_program, save_program
 from stepq.compiler import meta
 from stepq.compiler.graph_utils import fetch_attr
 from stepq.compiler.program import Program
+
+if TYPE_CHECKING:
+    from stepq.backends.base import Backend, Exported
 
 __all__ = ["QuantizedModel", "load"]
 
@@ -71,11 +76,21 @@ class QuantizedModel(torch.nn.Module):
         """Write a directory with ``model.safetensors`` and ``manifest.json`` (never pickle)."""
         save_program(self.program, path)
 
-    def export_onnx(self, path: str, **kwargs: Any) -> Any:
-        """Write quantized ONNX for ONNX Runtime (see ``stepq.backends.onnx.export``)."""
-        from stepq.backends.onnx import export
+    def export(self, backend: str | Backend, path: str | os.PathLike[str], **options: Any) -> Exported:
+        """Lower this model for ``backend`` and write its artefact at ``path``; returns the backend's
+        export result. ``backend`` is a name from ``stepq.backends``' table (``"reference"``,
+        ``"onnx"``; ``stepq.backends.describe()`` lists them) or a ``Backend`` object."""
+        if isinstance(backend, str):
+            # the one upward import the layering allows: a backend resolved by name, when asked for
+            from stepq.backends import get_backend
 
-        return export(self, path, **kwargs)
+            backend = get_backend(backend)
+        return backend.export(self, path, **options)
+
+    def export_onnx(self, path: str | os.PathLike[str], **options: Any) -> Any:
+        """Write quantized ONNX for ONNX Runtime: ``export("onnx", path, **options)``; a PTQD
+        mixed-precision model becomes one file with an If over its widths (docs/ONNX.md)."""
+        return self.export("onnx", path, **options)
 
     def extra_repr(self) -> str:
         return f"model={self.program.model_name}, recipe={self.recipe.name!r}, timestep={self.program.timestep_arg!r}"

@@ -1,11 +1,53 @@
-"""Backends: each partitions a converted graph (tags what it supports, from an explicit table) and
-then lowers the tagged part. ``reference`` runs the QuantizedModel in PyTorch; ``onnx`` writes
-quantized ONNX for ONNX Runtime. Import a backend's module to use it (``stepq.backends.onnx``):
-importing this package pulls in neither onnxruntime nor onnxscript.
+"""Backends: each partitions a converted graph (tags what it supports, from an explicit table),
+lowers the tagged part, and writes / loads its artefact (``Backend`` in ``base.py``). The table
+(``table.py``) names them: ``reference`` runs the QuantizedModel in PyTorch, ``onnx`` writes
+quantized ONNX for ONNX Runtime, ``cupy`` is a slot for the CuPy kernel backend (not written yet).
+
+    backend = stepq.backends.get_backend("onnx")     # what qm.export("onnx", path) resolves
+    stepq.backends.available(); print(stepq.backends.describe())
+
+A backend's module is imported when it is looked up: importing this package pulls in neither
+onnxruntime nor onnxscript.
 """
 
 from __future__ import annotations
 
-from stepq.backends.base import Partitioner, PartitionResult, Placement, Rejection, UnsupportedNodesError
+from stepq.backends.base import (
+    Backend,
+    Exported,
+    Lowered,
+    Partitioner,
+    PartitionResult,
+    Placement,
+    Rejection,
+    UnsupportedNodesError,
+)
+from stepq.backends.table import (
+    BACKENDS,
+    BackendEntry,
+    BackendNotImplementedError,
+    BackendUnavailableError,
+    UnknownBackendError,
+    available,
+    describe,
+    get_backend,
+)
 
-__all__ = ["PartitionResult", "Partitioner", "Placement", "Rejection", "UnsupportedNodesError"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendEntry",
+    "BackendNotImplementedError",
+    "BackendUnavailableError",
+    "Exported",
+    "Lowered",
+    "PartitionResult",
+    "Partitioner",
+    "Placement",
+    "Rejection",
+    "UnknownBackendError",
+    "UnsupportedNodesError",
+    "available",
+    "describe",
+    "get_backend",
+]

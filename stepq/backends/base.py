@@ -9,20 +9,32 @@ stateless *lowering* step then rewrites only the tagged nodes.
 
 Partitioning always works on the backend's own copy of the graph: a ``QuantizedModel`` is never
 modified by a backend.
+
+A whole backend (``Backend``, below) is partition → lower → export / load; ``stepq.backends.table``
+lists them by name.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch.fx
 
 from stepq.compiler import meta
 from stepq.compiler.errors import StepqError
 
+if TYPE_CHECKING:
+    from stepq.artifact.quantized_model import QuantizedModel
+
 __all__ = [
+    "Backend",
+    "Exported",
+    "Lowered",
     "PartitionResult",
     "Partitioner",
     "Placement",
@@ -155,3 +167,55 @@ def placement_of(node: torch.fx.Node, backend: str) -> str | None:
     if isinstance(tag, str) and tag.startswith(backend + ":"):
         return tag.split(":", 1)[1]
     return None
+
+
+# -- the backend protocol ----------------------------------------------------------------------------
+
+
+@dataclass
+class Lowered:
+    """A backend's lowered copy of a converted graph: ``partition`` tagged it, the lowering rewrote
+    the tagged nodes into the backend's ops (``counts``: rewrites per placement). ``gm`` still runs
+    in PyTorch, every backend op having a PyTorch implementation of its semantics, so a lowering is
+    tested against the reference backend without the backend's runtime."""
+
+    backend: str
+    gm: torch.fx.GraphModule
+    partition: PartitionResult
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Exported(Protocol):
+    """What ``Backend.export`` returns: where the artefact is, what the partition took, a summary."""
+
+    path: Path
+    partition: PartitionResult
+
+    def summary(self) -> str: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One deployment target of a QuantizedModel: tag, then lower, then write and run.
+
+    * ``table``: the placement table (data: what the backend takes, as ``Placement`` rows);
+    * ``partition(qm)``: tag a copy of ``qm``'s graph from ``table`` (``Partitioner``); the
+      QuantizedModel is never modified; ``strict=True`` raises ``UnsupportedNodesError``;
+    * ``lower(qm)``: partition a copy and rewrite the tagged nodes into the backend's ops;
+    * ``export(qm, path, **options)``: lower and write the backend's artefact at ``path``;
+    * ``load(path, **options)``: the written artefact as a callable with ``qm``'s call signature.
+
+    Backends are listed by name in ``stepq.backends.table`` and imported only when looked up.
+    """
+
+    name: str
+    table: tuple[Placement, ...]
+
+    def partition(self, qm: QuantizedModel, *, strict: bool = False) -> PartitionResult: ...
+
+    def lower(self, qm: QuantizedModel, *, strict: bool = False) -> Lowered: ...
+
+    def export(self, qm: QuantizedModel, path: str | os.PathLike[str], **options: Any) -> Exported: ...
+
+    def load(self, path: str | os.PathLike[str], **options: Any) -> Callable[..., Any]: ...

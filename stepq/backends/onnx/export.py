@@ -1,12 +1,15 @@
-"""``export(qm, path)``: a QuantizedModel → quantized ONNX for ONNX Runtime.
+"""``export_graph(qm, path)``: one converted graph → quantized ONNX for ONNX Runtime.
 
     deepcopy(qm.gm) → partition (tag) → lower (placement rewrites, ``lower.py``)
-      → torch.export (dynamic batch) → torch.onnx.export(dynamo=True, opset 21, TRANSLATION_TABLE)
+      → direct translation (``direct.py``), or torch.export (dynamic batch)
+        → torch.onnx.export(dynamo=True, opset 21, TRANSLATION_TABLE)
       → post-process (INT4 initializers, stepq metadata) → save (external data above 2 GB) → onnx.checker
 
-The QuantizedModel is never modified: everything happens on a deep copy of its graph module.
+The QuantizedModel is never modified: everything happens on a copy of its graph module.
 Nothing is lowered to fake-quant arithmetic: every quantizer becomes QuantizeLinear /
 DequantizeLinear or an integer kernel's input (``lower.py`` checks that no stepq quantizer op is left).
+The backend's ``export`` (``backend.py``) calls this for a single-width graph and ``mixed.py`` for a
+PTQD mixed-precision one (one ``export_graph`` per width, merged under an If).
 """
 
 from __future__ import annotations
@@ -29,14 +32,15 @@ from torch.utils import _pytree as pytree
 
 from stepq.backends.base import PartitionResult
 from stepq.backends.onnx import direct
-from stepq.backends.onnx.lower import lower
+from stepq.backends.onnx.lower import LoweringResult, lower
 from stepq.backends.onnx.partition import OnnxPartitioner
 from stepq.backends.onnx.postprocess import materialize_int4, write_metadata
 from stepq.backends.onnx.translation import TRANSLATION_TABLE
 from stepq.compiler.errors import PostconditionError, StepqError
 from stepq.compiler.program import InputSignature
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "ExportResult", "OnnxExportError", "example_inputs", "export"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "ExportResult", "OnnxExportError", "OnnxInput", "example_inputs", "export_graph",
+           "lowered_copy"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,17 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
 class OnnxExportError(StepqError):
     """torch.export or torch.onnx could not export the lowered graph."""
+
+
+@dataclass(frozen=True)
+class OnnxInput:
+    """One ONNX graph input: the call argument it comes from and its pytree key path in the call
+    (``whole``: the input is the argument itself, not a tensor nested inside it)."""
+
+    name: str
+    argument: str
+    keypath: str
+    whole: bool
 
 
 @dataclass
@@ -60,6 +75,16 @@ class ExportResult:
     stages: dict[str, float] = field(default_factory=dict)
     #: "direct" (stepq's node-by-node translation) or "torch.onnx" (torch.export + torch.onnx.export)
     translator: str = "direct"
+    #: the ONNX graph's inputs, in order, with the call arguments they are fed from
+    inputs: list[OnnxInput] = field(default_factory=list)
+
+    def input_name(self, argument: str) -> str:
+        """The ONNX input fed with the call argument ``argument`` (a tensor argument)."""
+        for i in self.inputs:
+            if i.argument == argument and i.whole:
+                return i.name
+        raise KeyError(f"no ONNX input is the argument {argument!r}; inputs: "
+                       f"{[(i.name, i.keypath) for i in self.inputs]}")
 
     def summary(self) -> str:
         return (f"{self.path} ({self.file_bytes / 2**20:.1f} MiB{', external data' if self.external_data else ''}) "
@@ -91,10 +116,16 @@ def _batch_dim(v: Any) -> Any:
     return {0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() >= 1 else None
 
 
-def tensor_keypaths(kwargs: Mapping[str, Any]) -> list[str]:
-    """The key paths of the tensor leaves of a call, in the order torch.export flattens them."""
+def tensor_leaves(kwargs: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
+    """The tensor leaves of a call, in the order torch.export flattens them (the ONNX inputs' order):
+    (key path, the argument it belongs to, whether it is the whole argument)."""
     leaves, _ = pytree.tree_flatten_with_path(((), dict(kwargs)))
-    return [pytree.keystr(path) for path, v in leaves if isinstance(v, torch.Tensor)]
+    out = []
+    for path, v in leaves:
+        if isinstance(v, torch.Tensor):
+            # path = (SequenceKey(1), MappingKey(argument), ...nested keys)
+            out.append((pytree.keystr(path), str(path[1].key), len(path) == 2))  # type: ignore[attr-defined]
+    return out
 
 
 def _rss_gb() -> float:
@@ -115,7 +146,8 @@ def _initializer_bytes(model: ir.Model) -> int:
     return total
 
 
-def _lowered_copy(qm: Any, *, strict: bool) -> tuple[torch.fx.GraphModule, PartitionResult, Any]:
+def lowered_copy(qm: Any, *, strict: bool) -> tuple[torch.fx.GraphModule, PartitionResult, LoweringResult]:
+    """A copy of ``qm``'s graph, partitioned and lowered to the backend's ops (still runs in PyTorch)."""
     # a structural copy: the lowering registers new tensors and deletes attributes on the copy but
     # never writes into a tensor, so the copy shares the model's tensor storage (DiT-XL: −0.8 GB)
     memo: dict[int, Any] = {id(t): t for t in qm.gm.state_dict(keep_vars=True).values()}
@@ -148,10 +180,10 @@ def _torch_onnx_export(gm: torch.fx.GraphModule, kwargs: dict[str, Any], *, opse
     return program.model, ep.call_spec.out_spec
 
 
-def export(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dynamic_batch: bool = True,
-           strict: bool = False, external_data: bool | None = None, check: bool = True,
-           translator: str = "auto", optimize: bool | None = None) -> ExportResult:
-    """Write ``qm`` (a QuantizedModel) as quantized ONNX.
+def export_graph(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dynamic_batch: bool = True,
+                 strict: bool = False, external_data: bool | None = None, check: bool = True,
+                 translator: str = "auto", optimize: bool | None = None) -> ExportResult:
+    """Write ``qm`` (a QuantizedModel) as quantized ONNX, its graph as it is (no width switch).
 
     Args:
         opset: ONNX opset (≥ 21: QuantizeLinear/DequantizeLinear with INT4 and blocked scales).
@@ -177,7 +209,7 @@ def export(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dynamic_ba
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    gm, partition, lowered = _lowered_copy(qm, strict=strict)
+    gm, partition, lowered = lowered_copy(qm, strict=strict)
     stages["lower_s"] = time.perf_counter() - t0
     stages["lower_rss_GB"] = _rss_gb()
     if lowered.collapsed_per_sample:
@@ -202,7 +234,7 @@ def export(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dynamic_ba
                 raise OnnxExportError(f"direct translation failed: {e}") from e
             log.warning("direct ONNX translation failed, falling back to torch.onnx.export: %s", e)
             model = None
-            gm = _lowered_copy(qm, strict=strict)[0]
+            gm = lowered_copy(qm, strict=strict)[0]
         else:
             used = "direct"
             stages["direct_translate_s"] = time.perf_counter() - t
@@ -218,7 +250,8 @@ def export(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dynamic_ba
 
     t = time.perf_counter()
     n_int4 = materialize_int4(model)
-    keypaths = tensor_keypaths(kwargs)
+    leaves = tensor_leaves(kwargs)
+    keypaths = [k for k, _, _ in leaves]
     inputs = [v.name for v in model.graph.inputs]
     if len(inputs) != len(keypaths):
         raise PostconditionError(f"the ONNX graph has {len(inputs)} inputs but the call has {len(keypaths)} tensors "
@@ -254,6 +287,6 @@ def export(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dynamic_ba
     file_bytes = path.stat().st_size + ((path.parent / data_name).stat().st_size if use_external else 0)
     result = ExportResult(path, partition, lowered.counts | ({"int4_initializers": n_int4} if n_int4 else {}),
                           lowered.collapsed_per_sample, file_bytes, time.perf_counter() - t0, use_external, stages,
-                          used)
+                          used, [OnnxInput(str(n), arg, k, whole) for n, (k, arg, whole) in zip(inputs, leaves)])
     log.info("onnx export: %s", result.summary())
     return result

@@ -9,8 +9,10 @@ to the top of the graph:
     cond = Gather(ptqd_bits_table, i) == b₁
     y    = If(cond, then = graph at A_{b₁}, else = graph at A_{b₂})    (nested for more widths)
 
-Each branch is ``stepq.backends.onnx.export`` of ``stepq.methods.ptqd.specialize(qm, b)`` (so it has the
-backend's integer kernels: MatMulIntegerToFloat, QLinearConv...). Both branches read their tensors
+Each branch is ``export_graph`` of ``stepq.methods.ptqd.specialize(qm, b)`` (so it has the backend's
+integer kernels: MatMulIntegerToFloat, QLinearConv...); ``t`` is the ONNX input the branch's export
+feeds from the signature's timestep argument (``ExportResult.input_name``). The ONNX backend's
+``export`` (``qm.export_onnx``) comes here for any graph that reads the bits table (``is_mixed``). Both branches read their tensors
 from the outer graph's initializers; identical tensors (the integer weights, biases, the PTQD
 correction tables, everything but the activation scales) are stored once, so the file is barely
 larger than a single-width one. A batch with mixed timesteps takes the first sample's width (the
@@ -24,25 +26,49 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from stepq.artifact.quantized_model import QuantizedModel
-from stepq.compiler.errors import PreconditionError
+from stepq.backends.onnx.export import EXTERNAL_DATA_THRESHOLD, ExportResult, export_graph
+from stepq.compiler.errors import PostconditionError, PreconditionError
 from stepq.compiler.graph_utils import fetch_attr
 from stepq.methods.ptqd.mixed import specialize
 from stepq.passes.select_bits import BITS_TABLE
 
-__all__ = ["export_mixed"]
+__all__ = ["MixedExportResult", "export_mixed", "is_mixed"]
 
 log = logging.getLogger(__name__)
 
 
-def _same(a: Any, b: Any) -> bool:
-    from onnx import numpy_helper
+def is_mixed(qm: QuantizedModel) -> bool:
+    """Whether ``qm``'s graph switches activation widths per step (it reads the bits table)."""
+    return any(n.op == "get_attr" and n.target == BITS_TABLE for n in qm.gm.graph.nodes)
 
+
+@dataclass
+class MixedExportResult(ExportResult):
+    """An If file: ``path`` is the merged model; ``partition``, ``lowered``, ``translator`` and
+    ``inputs`` are the widest branch's, ``per_tensor_timestep`` any branch's; each width's own
+    export is in ``branches``."""
+
+    widths: tuple[int, ...] = ()
+    branches: dict[int, ExportResult] = field(default_factory=dict)
+    shared_initializers: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.path} ({self.file_bytes / 2**20:.1f} MiB) in {self.seconds:.1f}s: If over "
+                f"A{'/A'.join(map(str, self.widths))}, {self.shared_initializers} initializers; widest branch "
+                f"{self.lowered}; {len(self.partition.rejections)} quantized layer(s) in float")
+
+
+def _same(a: Any, b: Any) -> bool:
     return a.data_type == b.data_type and list(a.dims) == list(b.dims) and np.array_equal(
         numpy_helper.to_array(a), numpy_helper.to_array(b))
 
@@ -50,8 +76,6 @@ def _same(a: Any, b: Any) -> bool:
 def _branch(model: Any, prefix: str, outer_inits: dict[str, Any], outer_names: set[str], out_names: list[str]) -> Any:
     """``model``'s graph as an If branch: intermediate names prefixed, initializers moved to the outer
     graph (shared when identical), the outputs renamed to fresh branch-local names."""
-    from onnx import helper
-
     g = model.graph
     rename: dict[str, str] = {}
     for init in g.initializer:
@@ -91,44 +115,44 @@ def _branch(model: Any, prefix: str, outer_inits: dict[str, Any], outer_names: s
     return helper.make_graph(list(g.node), prefix.rstrip("/"), [], outputs)
 
 
-def export_mixed(qm: QuantizedModel, path: str | os.PathLike[str], **export_kwargs: Any) -> Path:
+def export_mixed(qm: QuantizedModel, path: str | os.PathLike[str], *, external_data: bool | None = None,
+                 check: bool = True, **export_options: Any) -> MixedExportResult:
     """Write a mixed-precision ``qm`` as one ONNX file with an If per activation width (see module doc).
 
-    ``export_kwargs`` go to ``stepq.backends.onnx.export`` for every branch. The file loads with
-    ``stepq.backends.onnx.load`` like any stepq ONNX model.
+    ``export_options`` go to ``export_graph`` for every branch; ``external_data`` and ``check`` apply
+    to the merged file. It loads with ``stepq.backends.onnx.load`` like any stepq ONNX model.
     """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from stepq.backends.onnx import export
-    from stepq.backends.onnx.postprocess import read_metadata
-
     cfg = qm.recipe.ptqd
     if cfg is None or not cfg.mixed_bits:
         raise PreconditionError("export_mixed needs a model with PTQD mixed precision (recipe.ptqd.mixed_bits)")
+    t0 = time.perf_counter()
     widths = tuple(cfg.mixed_bits)
     prog = qm.program
     T = prog.recipe.num_train_timesteps
     bits_table = fetch_attr(prog.gm, BITS_TABLE).detach().cpu().numpy().astype(np.int64)
-    models = []
+    models, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for b in widths:
             f = Path(tmp) / f"a{b}.onnx"
-            export(specialize(qm, b), f, **{**export_kwargs, "external_data": False, "check": False})
+            results[b] = export_graph(specialize(qm, b), f, **{**export_options, "external_data": False, "check": False})
             models.append(onnx.load(str(f)))
-    top = models[-1]
+    top, top_result = models[-1], results[widths[-1]]
     props = {p.key: p.value for p in top.metadata_props}
-    md = read_metadata(props)
     inputs = [vi.name for vi in top.graph.input]
-    t_name = next((n for n, key in md["inputs"] if f"'{prog.signature.timestep}'" in key), None)
-    if t_name is None:
-        raise PreconditionError(f"export_mixed: no ONNX input carries the timestep {prog.signature.timestep!r}")
+    for b, m in zip(widths, models):
+        if [vi.name for vi in m.graph.input] != inputs:
+            raise PostconditionError(f"export_mixed: the A{b} branch's inputs {[vi.name for vi in m.graph.input]} "
+                                     f"differ from the A{widths[-1]} branch's {inputs}")
+    try:
+        t_name = top_result.input_name(prog.signature.timestep)
+    except KeyError as e:
+        raise PreconditionError(f"export_mixed: no ONNX input carries the timestep {prog.signature.timestep!r}: "
+                                f"{e.args[0]}") from None
     out_names = [vi.name for vi in top.graph.output]
     outer_inits: dict[str, Any] = {}
     outer_names = set(inputs)
     branches = [_branch(m, f"a{b}/", outer_inits, outer_names | set(outer_inits), out_names)
                 for m, b in zip(models, widths)]
-
     # cond_j = bits[clip(round(t[0] · scale), 0, T − 1)] == b_j
     nodes = [
         helper.make_node("Cast", [t_name], ["ptqd/t64"], to=TensorProto.DOUBLE),
@@ -178,7 +202,20 @@ def export_mixed(qm: QuantizedModel, path: str | os.PathLike[str], **export_kwar
     merged.metadata_props.add(key="stepq.ptqd_bits", value=str(list(widths)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(merged, str(path))
-    onnx.checker.check_model(str(path))
-    log.info("export_mixed: %s, widths %s, %d shared initializers", path, widths, len(outer_inits))
-    return path
+    size = sum(i.ByteSize() for i in graph.initializer)
+    use_external = size > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    data_name = path.name + ".data"
+    if (path.parent / data_name).exists():
+        (path.parent / data_name).unlink()
+    onnx.save_model(merged, str(path), save_as_external_data=use_external, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=0)
+    if check:
+        onnx.checker.check_model(str(path))
+    file_bytes = path.stat().st_size + ((path.parent / data_name).stat().st_size if use_external else 0)
+    per_tensor = sorted({q for r in results.values() for q in r.per_tensor_timestep})
+    result = MixedExportResult(
+        path, top_result.partition, top_result.lowered, per_tensor, file_bytes, time.perf_counter() - t0,
+        use_external, {f"a{b}_s": r.seconds for b, r in results.items()}, top_result.translator, top_result.inputs,
+        widths=widths, branches=results, shared_initializers=len(outer_inits))
+    log.info("onnx export: %s", result.summary())
+    return result

@@ -7,6 +7,10 @@
 * ``mixed``: step-aware activation bit-widths (``stepq.passes.select_bits`` in the graph), BOPs;
 * ``apply``: all of it on a compiled model. Recipes: ``w4a8-ptqd``, ``w4a4-ptqd``, ``mixed-ptqd``
   (and ``-tdq-ptqd``). See docs/PTQD.md.
+
+ONNX: ``qm.export_onnx(path)`` of a mixed-precision model writes one file with an If over its widths
+(each branch one ``specialize(qm, b)``); that export belongs to the ONNX backend
+(``stepq.backends.onnx.mixed``).
 """
 
 from __future__ import annotations
