@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 from stepq.compiler.pass_manager import Pass, Skip
+from stepq.methods.ptqd.mixed import CalibrateWidths
+from stepq.methods.tdq.sources import make_scale_source
 from stepq.passes import (
     AnnotateLayers,
     AttachTimestepTables,
@@ -42,7 +44,7 @@ def build_calibration_pipeline(recipe: Recipe) -> list[Pass | Skip | None]:
         # observers → fake-quant ops with frozen scales
         MaterializeQuantizers(),
         # TDQ: step sizes from generators (or a free per-timestep table) of the timestep, trained next
-        InsertScaleSource() if recipe.tdq is not None else Skip("insert_scale_source", "the recipe has no TDQ section"),
+        InsertScaleSource(make_scale_source) if recipe.tdq is not None else Skip("insert_scale_source", "the recipe has no TDQ section"),
     ]
 
 
@@ -53,6 +55,9 @@ def build_convert_pipeline(recipe: Recipe) -> list[Pass | Skip | None]:
         FreezeScaleSource() if recipe.tdq is not None else Skip("freeze_scale_source", "the recipe has no TDQ section"),
         # activation scales → gathers from per-timestep tables (those in prog.state)
         AttachTimestepTables(),
+        # PTQD step-aware mixed precision: each lower width's scales from the calibration statistics (state only)
+        CalibrateWidths() if recipe.ptqd is not None and recipe.ptqd.mixed_bits
+        else Skip("calibrate_widths", "the recipe has no PTQD mixed precision"),
         # PTQD step-aware mixed precision: a branch per activation width, picked by a bits table gathered by t
         SelectBits() if recipe.ptqd is not None and recipe.ptqd.mixed_bits
         else Skip("select_bits", "the recipe has no PTQD mixed precision"),
