@@ -44,7 +44,7 @@ def test_per_sample_and_one_row_forms_and_their_recogniser():
     table = torch.arange(T, dtype=torch.float32) * 2
     name = register_tensor(prog.gm, "probe_table", table)
     out = next(n for n in prog.gm.graph.nodes if n.op == "output")
-    per_sample = gather_timestep_table(prog, name, act, before=out, **{meta.PTQD_NODE: "probe"})
+    per_sample = gather_timestep_table(prog, name, act, before=out, extra_meta={meta.PTQD_NODE: "probe"})
     one_row = gather_timestep_table(prog, name, weight, before=out)
     idx = timestep_index_node(prog)
     g1, g2 = match_timestep_gather(per_sample), match_timestep_gather(one_row)

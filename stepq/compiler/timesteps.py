@@ -21,6 +21,7 @@ Everything that turns ``t`` into a row outside the graph (the observers, PTQD's 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -122,16 +123,18 @@ def _first_row(idx: torch.fx.Node, before: torch.fx.Node | None) -> torch.fx.Nod
 
 
 def gather_timestep_table(prog: Program, table: str, consumer: torch.fx.Node, *, broadcast: bool = False,
-                          before: torch.fx.Node | None = None, **extra: Any) -> torch.fx.Node:
+                          before: torch.fx.Node | None = None,
+                          extra_meta: Mapping[str, Any] | None = None) -> torch.fx.Node:
     """``table[i]`` for ``consumer``: the row of every sample when ``consumer`` shares the timestep's
     batch, else the first sample's row.
 
     ``table`` is the qualified name of a [T, ...] buffer. With ``broadcast`` the rows are viewed as
     ``[-1, *row_shape, 1, …]`` to ``consumer``'s rank. The nodes go before ``before`` (default: right
-    after the index, which precedes every use) and are marked inserted, with ``extra`` meta on each
+    after the index, which precedes every use) and are marked inserted, with ``extra_meta`` on each
     (the shared index and first-row nodes get the plain mark). Returns the last node.
     """
     graph = prog.gm.graph
+    extra = dict(extra_meta or {})
     idx = timestep_index_node(prog)
     per_sample = gathers_per_sample(prog, consumer) and _batched(idx)
     row = idx if per_sample else _first_row(idx, before)

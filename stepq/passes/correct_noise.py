@@ -135,8 +135,8 @@ class CorrectNoise(Pass):
         b_name = register_tensor(gm, BIAS_TABLE, b)
         output = next(n for n in graph.nodes if n.op == "output")
         extra = {meta.PTQD_NODE: _ROLE}
-        kt = gather_timestep_table(prog, k_name, pred, broadcast=True, before=output, **extra)
-        bt = gather_timestep_table(prog, b_name, pred, broadcast=True, before=output, **extra)
+        kt = gather_timestep_table(prog, k_name, pred, broadcast=True, before=output, extra_meta=extra)
+        bt = gather_timestep_table(prog, b_name, pred, broadcast=True, before=output, extra_meta=extra)
         new: list[torch.fx.Node] = []
 
         def call(target, *args):

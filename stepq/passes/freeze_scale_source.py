@@ -47,10 +47,11 @@ class FreezeScaleSource(Pass):
         if call is None:
             return PassResult(0)
         source = gm.get_submodule(SCALE_SOURCE)
-        if not (callable(getattr(source, "tables", None)) and isinstance(getattr(source, "names", None), list)):
+        tables_of, names = getattr(source, "tables", None), getattr(source, "names", None)
+        if not (callable(tables_of) and isinstance(names, list)):
             raise PreconditionError(f"freeze_scale_source: the scale source {type(source).__name__} has no "
                                     "names list and tables() method")
-        tables = source.tables().detach().float()  # [L, T]
+        tables = tables_of().detach().float()  # [L, T]
         store = prog.state.timestep_tables
         count = 0
         for fq in [n for n in graph.nodes if n.target is ops.FAKE_QUANT]:
@@ -62,7 +63,7 @@ class FreezeScaleSource(Pass):
             if s is not call:
                 continue
             name = fq.meta[meta.ACT_QUANTIZER]
-            row = source.names.index(name)
+            row = names.index(name)
             z = float(fetch_attr(gm, arg_node(fq, 2).target))
             store[name] = TimestepTable(tables[row].clone(), torch.full_like(tables[row], z))
             with graph.inserting_before(fq):

@@ -68,8 +68,8 @@ def _unquantized_operand(node: torch.fx.Node) -> bool:
             x = node.args[idx]
             if analysis.is_float_tensor(x) and not is_quantizer(x):
                 return True
-    idx = analysis.weight_arg_index(node) if spec.weight is not None else None
-    w = node.args[idx] if idx is not None else None
+    widx = analysis.weight_arg_index(node) if spec.weight is not None else None
+    w = node.args[widx] if widx is not None else None
     return isinstance(w, torch.fx.Node) and w.op == "get_attr" and not is_quantizer(w)
 
 

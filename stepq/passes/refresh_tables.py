@@ -61,7 +61,7 @@ def state_fed_buffers(prog: Program) -> Iterator[tuple[str, torch.Tensor, str]]:
     if cfg is not None and cfg.mixed_bits and has_attr(gm, BITS_TABLE):
         yield BITS_TABLE, bits_table(prog, tuple(cfg.mixed_bits)), "ptqd_bits"
     for top, branches in switched_quantizers(gm):
-        scales = state.ptqd_scales.get(top.meta.get(meta.ACT_QUANTIZER), {})
+        scales = state.ptqd_scales.get(str(top.meta.get(meta.ACT_QUANTIZER)), {})
         for bits, q in branches.items():
             qp = scales.get(bits)
             s_buf, z_buf = _buffer(q.args[1]), _buffer(q.args[2])

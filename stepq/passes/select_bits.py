@@ -49,7 +49,7 @@ from stepq.passes.materialize_quantizers import is_observer
 if TYPE_CHECKING:
     from stepq.methods.ptqd.mixed import MixedPrecision
 
-__all__ = ["BITS_TABLE", "SelectBits", "bits_table", "switchable_quantizers", "switched_quantizers"]
+__all__ = ["BITS_TABLE", "SelectBits", "bits_table", "switchable_quantizers", "switched_quantizers", "to_switch"]
 
 aten = torch.ops.aten
 
@@ -93,7 +93,8 @@ def switched_quantizers(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, d
     return list(out.items())
 
 
-def _to_switch(prog: Program) -> list[torch.fx.Node]:
+def to_switch(prog: Program) -> list[torch.fx.Node]:
+    """The quantizers select_bits would switch now (top width from ``recipe.ptqd.mixed_bits``)."""
     widths = _widths(prog)
     return switchable_quantizers(prog.gm, widths[-1]) if widths else []
 
@@ -117,8 +118,8 @@ class SelectBits(Pass):
     name = "select_bits"
     contract = Contract(
         requires=(RecipeHas("ptqd"), OpAbsent(is_observer, "observer"),
-                  StateCovers("ptqd_scales", _to_switch, "switchable activation quantizer")),
-        produces=(NoneLeft(_to_switch, "switchable activation quantizer left unswitched"),),
+                  StateCovers("ptqd_scales", to_switch, "switchable activation quantizer")),
+        produces=(NoneLeft(to_switch, "switchable activation quantizer left unswitched"),),
         preserves_semantics=False,  # exact only while the bits table is all top width
         idempotent=True,
     )
@@ -127,7 +128,7 @@ class SelectBits(Pass):
         widths = _widths(prog)
         if not widths:
             return PassResult(0)
-        fqs = _to_switch(prog)
+        fqs = to_switch(prog)
         if not fqs:
             return PassResult(0)
         if not has_attr(prog.gm, BITS_TABLE):
@@ -155,7 +156,7 @@ class _Switch:
         key = (gathers_per_sample(self.prog, x), xv.dim() if isinstance(xv, torch.Tensor) else 0)
         if key not in self.gathers:
             self.gathers[key] = gather_timestep_table(self.prog, BITS_TABLE, x, broadcast=True,
-                                                      **{meta.PTQD_NODE: _ROLE})
+                                                      extra_meta={meta.PTQD_NODE: _ROLE})
         return self.gathers[key]
 
     def _qparams(self, fq: torch.fx.Node, x: torch.fx.Node, bits: int, qp: QParams) -> tuple[torch.fx.Node, torch.fx.Node]:
@@ -170,8 +171,8 @@ class _Switch:
             s_name = register_tensor(self.gm, f"{name}_a{bits}_scale_table", qp.scale.clone())
             z_name = register_tensor(self.gm, f"{name}_a{bits}_zero_point_table", qp.zero_point.clone())
             extra = {meta.PTQD_NODE: _ROLE}
-            return (gather_timestep_table(self.prog, s_name, x, before=fq, **extra),
-                    gather_timestep_table(self.prog, z_name, x, before=fq, **extra))
+            return (gather_timestep_table(self.prog, s_name, x, before=fq, extra_meta=extra),
+                    gather_timestep_table(self.prog, z_name, x, before=fq, extra_meta=extra))
         s_name = register_tensor(self.gm, f"{name}_a{bits}_scale", qp.scale.clone())
         z_name = register_tensor(self.gm, f"{name}_a{bits}_zero_point", qp.zero_point.clone())
         with g.inserting_before(fq):

@@ -37,7 +37,7 @@ from stepq.compiler.graph_utils import delete_attr, fetch_attr, has_attr
 from stepq.compiler.pass_manager import Contract, Pass, PassResult, RecipeHas, StateCovers
 from stepq.compiler.program import Program
 from stepq.compiler.state import QParams
-from stepq.passes.select_bits import BITS_TABLE, bits_table, switchable_quantizers, switched_quantizers
+from stepq.passes.select_bits import BITS_TABLE, bits_table, switched_quantizers, to_switch
 
 __all__ = ["CalibrateWidths", "LayerCost", "MixedPrecision", "bit_operations", "choose_bits", "forward_snr",
            "layer_costs", "set_bits", "specialize"]
@@ -87,11 +87,6 @@ def choose_bits(snr_q: Tensor, snr_f: Tensor, bits: Sequence[int]) -> Tensor:
     return table
 
 
-def _to_switch(prog: Program) -> list[torch.fx.Node]:
-    cfg = prog.recipe.ptqd
-    return switchable_quantizers(prog.gm, cfg.mixed_bits[-1]) if cfg is not None and cfg.mixed_bits else []
-
-
 class CalibrateWidths(Pass):
     """The lower widths' scale and zero point of every switched (or switchable) activation quantizer,
     from its calibration statistics, into ``prog.state.ptqd_scales`` (graph untouched).
@@ -104,8 +99,8 @@ class CalibrateWidths(Pass):
 
     name = "calibrate_widths"
     contract = Contract(
-        requires=(RecipeHas("ptqd"), StateCovers("activation_stats", _to_switch, "switchable activation quantizer")),
-        produces=(StateCovers("ptqd_scales", _to_switch, "switchable activation quantizer"),),
+        requires=(RecipeHas("ptqd"), StateCovers("activation_stats", to_switch, "switchable activation quantizer")),
+        produces=(StateCovers("ptqd_scales", to_switch, "switchable activation quantizer"),),
         preserves_semantics=True,  # state only
         idempotent=True,
     )
@@ -117,7 +112,7 @@ class CalibrateWidths(Pass):
         widths = tuple(cfg.mixed_bits)
         table, chosen = bits_table(prog, widths), prog.state.has("ptqd_bits")
         state = prog.state
-        quantizers = [top for top, _ in switched_quantizers(prog.gm)] + _to_switch(prog)
+        quantizers = [top for top, _ in switched_quantizers(prog.gm)] + to_switch(prog)
         count = 0
         for fq in quantizers:
             name = fq.meta[meta.ACT_QUANTIZER]
@@ -127,7 +122,8 @@ class CalibrateWidths(Pass):
             spec = fq.meta[meta.QSPEC]
             tt = state.timestep_tables.get(name)
             tables = (tt.scale.detach().float(), tt.zero_point.detach().float()) if tt is not None else None
-            entry = state.ptqd_scales.setdefault(name, {})
+            entry = dict(state.ptqd_scales.get(name, {}))  # a state copy shares the inner dicts: replace, never edit
+            state.ptqd_scales[name] = entry
             for b in widths[:-1]:
                 steps = torch.nonzero(table == b).reshape(-1) if chosen else None
                 s, z = low_bit_qparams(st, spec, low_bit_spec(spec, b), steps, tables)
