@@ -15,7 +15,8 @@ from stepq.compiler import meta, ops
 from stepq.compiler.graph_utils import has_attr
 from stepq.compiler.pass_manager import run_passes
 from stepq.methods.ptqd import MixedPrecision, PTQDStats, copy_model, set_bits, specialize
-from stepq.passes import CorrectNoise, SelectBits
+from stepq.methods.ptqd.mixed import CalibrateWidths
+from stepq.passes import CorrectNoise, RefreshTables, SelectBits
 from stepq.passes.correct_noise import BIAS_TABLE, K_TABLE
 from stepq.passes.select_bits import BITS_TABLE
 from stepq.recipe.specs import PTQDConfig, TDQConfig
@@ -76,11 +77,14 @@ def test_correct_noise_applies_the_tables_per_sample(flags):
     bb = b[t] if flags.get("bias", True) else torch.zeros(3, 4)
     expected = (y - bb[:, :, None, None]) / (1 + kk[:, None, None, None])
     torch.testing.assert_close(corrected(**x), expected)
-    # new statistics update the buffers: one rewrite, then none
+    # new statistics: correct_noise rewrites nothing, refresh_tables writes the tables that change, then nothing
     corrected.program.state.ptqd = _stats(k * 0, b * 0)
-    res = run_passes(corrected.program, [CorrectNoise()])[0].result
-    assert res.count == 1 and torch.equal(corrected(**x), y)
     assert run_passes(corrected.program, [CorrectNoise()])[0].result.count == 0
+    res = run_passes(corrected.program, [RefreshTables()])[0].result
+    written = {name for name, on in ((K_TABLE, "correlated"), (BIAS_TABLE, "bias")) if flags.get(on, True)}
+    assert res.count == len(written) and set(res.details) == {f"{name} <- ptqd" for name in written}
+    assert torch.equal(corrected(**x), y)
+    assert run_passes(corrected.program, [RefreshTables()])[0].result.count == 0
 
 
 class _LearnedSigma(nn.Module):
@@ -135,9 +139,11 @@ def test_select_bits_switches_each_sample_to_the_single_width_model(kind):
     set_bits(mixed, 8)
     table = torch.where(torch.arange(T) < 500, 4, 8)
     mixed.program.state.ptqd_bits = SimpleNamespace(table=table)
-    res = run_passes(mixed.program, [SelectBits()])[0].result
-    # the table, and the 4-bit scales recalibrated on the steps that now run at 4 bits (t < 500)
-    assert 1 < res.count <= 1 + len(where)
+    assert run_passes(mixed.program, [SelectBits()])[0].result.count == 0  # already switched: no rewrite
+    # the 4-bit scales recalibrated on the steps that now run at 4 bits (t < 500), then written with the table
+    widths, refresh = (r.result for r in run_passes(mixed.program, [CalibrateWidths(), RefreshTables()]))
+    assert 0 < widths.count <= len(where)
+    assert 1 < refresh.count <= 1 + 2 * len(where) and f"{BITS_TABLE} <- ptqd_bits" in refresh.details
     q4 = where[0].args[1]
     st = mixed.program.state.activation_stats[where[0].meta[meta.ACT_QUANTIZER]]
     seen = [t for t in range(500) if t in st.per_timestep]
@@ -156,8 +162,9 @@ def test_select_bits_switches_each_sample_to_the_single_width_model(kind):
     set_bits(mixed, 4)
     torch.testing.assert_close(mixed(**x), s4(**x), rtol=0, atol=0)
     fake_rerun(mixed.program, x)
-    assert run_passes(mixed.program, [SelectBits()])[0].result.count == 1  # the state's table is written back
-    assert run_passes(mixed.program, [SelectBits()])[0].result.count == 0
+    res = run_passes(mixed.program, [RefreshTables()])[0].result
+    assert res.details == (f"{BITS_TABLE} <- ptqd_bits",)  # the state's table is written back
+    assert run_passes(mixed.program, [SelectBits(), RefreshTables()])[0].result.count == 0
 
 
 def test_select_bits_on_tdq_tables_gathers_a_table_per_width():
@@ -193,4 +200,5 @@ def test_ptqd_state_and_tables_round_trip_through_save_and_load(tmp_path):
     for name in (K_TABLE, BIAS_TABLE, BITS_TABLE):
         assert torch.equal(back.gm.get_buffer(name), qm.gm.get_buffer(name))
     # the loaded program re-runs the passes without its calibration statistics: nothing to change
-    assert [r.result.count for r in run_passes(back.program, [SelectBits(), CorrectNoise()])] == [0, 0]
+    passes = [SelectBits(), CorrectNoise(), RefreshTables()]
+    assert [r.result.count for r in run_passes(back.program, passes)] == [0, 0, 0]

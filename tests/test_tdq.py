@@ -15,7 +15,13 @@ from stepq.compiler.api import resolve_recipe
 from stepq.compiler.pass_manager import run_passes
 from stepq.methods.qat import denoising_batches, make_trainable, train_qat
 from stepq.methods.tdq.fit import _LayerwiseLoss, merge_batches
-from stepq.methods.tdq.sources import ScaleGenerators, ScaleTable, fourier_features, inverse_softplus
+from stepq.methods.tdq.sources import (
+    ScaleGenerators,
+    ScaleTable,
+    fourier_features,
+    inverse_softplus,
+    make_scale_source,
+)
 from stepq.passes import FreezeScaleSource, InsertScaleSource
 from stepq.passes.insert_scale_source import SCALE_SOURCE
 from stepq.recipe.specs import TDQConfig
@@ -91,7 +97,7 @@ def test_insert_and_freeze_scale_source(method):
     assert sum(1 for n in prog.gm.graph.nodes if n.op == "call_module" and n.target == SCALE_SOURCE) == 1
     assert count(prog.gm, ops.TIMESTEP_INDEX) == 1
     fake_rerun(prog, denoiser_inputs(2, (1, 2)))
-    again = run_passes(prog, [InsertScaleSource()])[0].result
+    again = run_passes(prog, [InsertScaleSource(make_scale_source)])[0].result
     assert again.count == 0
     x = denoiser_inputs(3, (20, 500, 980), seed=2)
     before = prog(**x)

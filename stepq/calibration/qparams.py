@@ -13,14 +13,19 @@ again on a grid one coarse step wide around the best.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from stepq.recipe.specs import MSEObserver, PercentileObserver, PerChannel, PerGroup, PerTensor, QuantSpec
 
-__all__ = ["activation_qparams", "qparams_from_range", "weight_qparams"]
+if TYPE_CHECKING:
+    from stepq.calibration.observers import ActivationStats
+
+__all__ = ["activation_qparams", "low_bit_qparams", "low_bit_spec", "observed", "qparams_from_range", "weight_qparams"]
 
 _EPS = 1e-8
 
@@ -125,3 +130,47 @@ def activation_qparams(values: Tensor, lo: float, hi: float, spec: QuantSpec) ->
         return s.reshape(()), z.reshape(())
     s, z = qparams_from_range(torch.tensor([lo]), torch.tensor([hi]), spec)
     return s.reshape(()), z.reshape(())
+
+
+# -- a quantizer at a lower width (PTQD step-aware mixed precision) -------------------------------
+
+
+def low_bit_spec(spec: QuantSpec, bits: int) -> QuantSpec:
+    """``spec`` at ``bits`` bits (MSE range search below 8 bits, as the presets do)."""
+    observer = MSEObserver() if bits < 8 else spec.observer
+    return dataclasses.replace(spec, bits=bits, observer=observer)
+
+
+def observed(st: ActivationStats, steps: Tensor | None) -> tuple[Tensor, float, float]:
+    """(values, lo, hi) of a quantizer's calibration statistics, restricted to the training timesteps
+    ``steps`` where calibration saw them, else (or with ``steps`` None) over every timestep."""
+    if steps is not None:
+        seen = [t for t in steps.tolist() if int(t) in st.per_timestep]
+        if seen:
+            idx = torch.tensor(seen, dtype=torch.int64)
+            values = torch.cat([st.samples_at(t) for t in seen])
+            return values, float(st.min[idx].min()), float(st.max[idx].max())
+    return st.overall.values, st.global_min, st.global_max
+
+
+def low_bit_qparams(st: ActivationStats, spec: QuantSpec, low: QuantSpec, steps: Tensor | None,
+                    tables: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of an activation quantizer (``spec``, statistics ``st``) at the lower
+    width ``low``, calibrated on the training timesteps ``steps`` (None: all).
+
+    Static: ``activation_qparams`` of the observed values at ``low``. With per-timestep tables
+    ``tables = (S, Z)`` at ``spec`` (TDQ), the low width gets tables too: the range at each t,
+    [qmin − Z(t), qmax − Z(t)]·S(t), shrunk by ``ratio`` = (static ``low`` range) / (static ``spec``
+    range) and re-gridded at ``low`` bits.
+    """
+    values, lo, hi = observed(st, steps)
+    s_low, z_low = activation_qparams(values, lo, hi, low)
+    if tables is None:
+        return s_low, z_low
+    s_tab, z_tab = tables
+    s_hi, _ = activation_qparams(values, lo, hi, spec)
+    ratio = (s_low * (low.quant_max - low.quant_min)) / (s_hi * (spec.quant_max - spec.quant_min))
+    lo_t = (spec.quant_min - torch.round(z_tab)) * s_tab * ratio
+    hi_t = (spec.quant_max - torch.round(z_tab)) * s_tab * ratio
+    s_t, z_t = qparams_from_range(lo_t, hi_t, low)
+    return s_t.float(), z_t.float()

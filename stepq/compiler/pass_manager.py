@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 import torch.fx
 
+from stepq.compiler import meta
 from stepq.compiler.errors import PassError, PostconditionError, PreconditionError, StepqError
 from stepq.compiler.program import Program
 
@@ -47,7 +48,9 @@ __all__ = [
     "Condition",
     "Contract",
     "NodeFilter",
+    "NodeFinder",
     "NodesHave",
+    "NoneLeft",
     "OpAbsent",
     "OpPresent",
     "Pass",
@@ -56,6 +59,7 @@ __all__ = [
     "RecipeHas",
     "Skip",
     "StageIs",
+    "StateCovers",
     "StateHas",
     "Step",
     "check_conditions",
@@ -71,6 +75,8 @@ log = logging.getLogger(__name__)
 DUMP_ENV = "STEPQ_DUMP_DIR"
 
 NodeFilter = Callable[[torch.fx.Node], bool]
+#: finds nodes of a program where a plain node filter is not enough (the recipe or the state decides).
+NodeFinder = Callable[[Program], Iterable[torch.fx.Node]]
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,7 @@ class Condition:
 
 
 def _where(node: torch.fx.Node) -> str:
-    layer = node.meta.get("stepq.layer")
+    layer = node.meta.get(meta.LAYER)
     return f"node {node.name!r}" + (f" (layer {layer!r})" if layer else "")
 
 
@@ -154,6 +160,44 @@ class OpPresent(Condition):
 
     def describe(self) -> str:
         return f"a {self.what}"
+
+
+@dataclass(frozen=True)
+class NoneLeft(Condition):
+    """``find`` yields no node (``what`` names them); for selections that depend on the program
+    (its recipe or state), where ``OpAbsent``'s node filter cannot see them."""
+
+    find: NodeFinder
+    what: str
+
+    def violation(self, prog: Program) -> str | None:
+        for n in self.find(prog):
+            return f"{_where(n)} is a {self.what}"
+        return None
+
+    def describe(self) -> str:
+        return f"no {self.what}"
+
+
+@dataclass(frozen=True)
+class StateCovers(Condition):
+    """Every node ``find`` yields has an entry, keyed by its quantizer name (``stepq.quantizer``), in
+    the program state field ``name`` (a dict)."""
+
+    name: str
+    find: NodeFinder
+    what: str
+
+    def violation(self, prog: Program) -> str | None:
+        entries = getattr(prog.state, self.name)
+        for n in self.find(prog):
+            key = n.meta.get(meta.ACT_QUANTIZER)
+            if key not in entries:
+                return f"{_where(n)} ({self.what} {key!r}) has no entry in program state {self.name!r}"
+        return None
+
+    def describe(self) -> str:
+        return f"an entry in program state {self.name!r} for every {self.what}"
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,11 @@ from stepq.calibration.observe import Observe
 from stepq.compiler.errors import RecipeError
 from stepq.compiler.pass_manager import CompileInputs, Pass, PassRecord, Skip, Step, resolve_dump, run_passes
 from stepq.compiler.program import Program
+from stepq.methods.ptqd.mixed import CalibrateWidths
 from stepq.methods.ptqd.steps import MeasurePTQD
 from stepq.methods.qat import TrainQAT
 from stepq.methods.tdq import FitScaleSource
+from stepq.methods.tdq.sources import make_scale_source
 from stepq.passes import (
     AnnotateLayers,
     AttachTimestepTables,
@@ -100,7 +102,7 @@ def build_pipeline(recipe: Recipe | str, passes: Sequence[At] = ()) -> list[Stag
         Stage("calibrate", Observe(keep_calls=fit)),
         Stage("calibrate", MaterializeQuantizers()),
         # TDQ: step sizes from a scale source of t (generators, or a free per-step table), fitted in PTQ
-        Stage("calibrate", InsertScaleSource() if tdq is not None else Skip("insert_scale_source", no_tdq)),
+        Stage("calibrate", InsertScaleSource(make_scale_source) if tdq is not None else Skip("insert_scale_source", no_tdq)),
         Stage("calibrate", FitScaleSource() if fit else Skip(
             "fit_scale_source", no_tdq if tdq is None else "the recipe trains (QAT)" if qat is not None
             else "TDQConfig.fit_steps is 0")),

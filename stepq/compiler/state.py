@@ -6,14 +6,19 @@ a loaded model whose state was written under another version is refused, not gue
 
 | field | type | written by | read by |
 |---|---|---|---|
-| activation_stats | {quantizer: ActivationStats} | materialize_quantizers | select_bits, PTQD, TDQ benchmarks |
-| timestep_tables | {quantizer: TimestepTable} | freeze_scale_source (TDQ), users | attach_timestep_tables |
+| activation_stats | {quantizer: ActivationStats} | materialize_quantizers | calibrate_widths, PTQD, TDQ benchmarks |
+| timestep_tables | {quantizer: TimestepTable} | freeze_scale_source (TDQ), users | attach_timestep_tables, refresh_tables, calibrate_widths |
 | report_batch | one bound calibration call | calibrate | convert's report |
 | report | [LayerReport] | convert | QuantizedModel.report, the artefact |
 | fit_curve | [float] | the TDQ fit | benchmarks, tests |
 | qat_curve | [float] | LSQ QAT | benchmarks, tests |
-| ptqd | PTQDStats | PTQD statistics | correct_noise, PTQDScheduler |
-| ptqd_bits | MixedPrecision | PTQD mixed precision | select_bits, the ONNX backend |
+| ptqd | PTQDStats | PTQD statistics | correct_noise, refresh_tables, PTQDScheduler |
+| ptqd_bits | MixedPrecision | PTQD mixed precision | calibrate_widths, select_bits, refresh_tables, the ONNX backend |
+| ptqd_scales | {quantizer: {bits: QParams}} | calibrate_widths (PTQD mixed precision) | select_bits, refresh_tables |
+
+``ptqd_scales`` holds, per switched activation quantizer and lower width b, the scale and zero point
+of its b-bit branch: 0-d for a static quantizer, [T] tables when the quantizer reads timestep tables
+(TDQ). It is derived from ``activation_stats`` and not saved (a loaded model has no statistics).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ if TYPE_CHECKING:
     from stepq.methods.ptqd.mixed import MixedPrecision
     from stepq.methods.ptqd.statistics import PTQDStats
 
-__all__ = ["STATE_VERSION", "ProgramState", "TimestepTable"]
+__all__ = ["STATE_VERSION", "ProgramState", "QParams", "TimestepTable"]
 
 #: the version of the state layout the artefact records; bump it when a field changes meaning.
 STATE_VERSION = 2
@@ -52,6 +57,19 @@ class TimestepTable:
 
 
 @dataclass
+class QParams:
+    """A scale and zero point of one shape: 0-d (one value) or [T] (one per training timestep)."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.scale.shape != self.zero_point.shape or self.scale.dim() > 1:
+            raise ValueError(f"QParams needs a scale and zero point of one shape, 0-d or 1-D, got "
+                             f"{tuple(self.scale.shape)} and {tuple(self.zero_point.shape)}")
+
+
+@dataclass
 class ProgramState:
     """Named, typed method state of a ``Program`` (see the module docstring for who writes what)."""
 
@@ -63,11 +81,13 @@ class ProgramState:
     qat_curve: list[float] | None = None
     ptqd: PTQDStats | None = None
     ptqd_bits: MixedPrecision | None = None
+    ptqd_scales: dict[str, dict[int, QParams]] = field(default_factory=dict)
 
     def copy(self) -> ProgramState:
         """A shallow copy: new containers at the top, the same statistics objects inside."""
         return dataclasses.replace(self, activation_stats=dict(self.activation_stats),
-                                   timestep_tables=dict(self.timestep_tables), report=list(self.report))
+                                   timestep_tables=dict(self.timestep_tables), report=list(self.report),
+                                   ptqd_scales=dict(self.ptqd_scales))
 
     def has(self, name: str) -> bool:
         """Whether the field ``name`` holds something (a non-empty container, or not None)."""

@@ -9,6 +9,8 @@ from stepq.passes.insert_quantizers import InsertQuantizers
 from stepq.passes.insert_scale_source import InsertScaleSource
 from stepq.passes.materialize_quantizers import MaterializeQuantizers
 from stepq.passes.quantize_weights import QuantizeWeights
+from stepq.passes.refresh_tables import RefreshTables
 from stepq.passes.select_bits import SelectBits
 
-__all__ = ["AnnotateLayers", "AttachTimestepTables", "CanonicalizeExport", "CorrectNoise", "FreezeScaleSource", "InsertQuantizers", "InsertScaleSource", "MaterializeQuantizers", "QuantizeWeights", "SelectBits"]
+__all__ = ["AnnotateLayers", "AttachTimestepTables", "CanonicalizeExport", "CorrectNoise", "FreezeScaleSource", "InsertQuantizers", "InsertScaleSource", "MaterializeQuantizers", "QuantizeWeights", "RefreshTables",
+           "SelectBits"]

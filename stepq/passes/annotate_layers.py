@@ -6,15 +6,15 @@ this pass writes into ``node.meta`` the layer's module path (from ``nn_module_st
 its structural roles (``stepq.compiler.analysis``) and the ``LayerSpec`` of the first recipe rule
 that matches (None = keep in floating point).
 
-Requires: a captured graph. Guarantees: every quantizable op carries ``meta.LAYER_SPEC`` (possibly
-None) and ``meta.LAYER``; the graph itself is unchanged. The count is the number of ops whose
-annotation changed, so a second run reports 0.
+Requires: nothing. Guarantees: every quantizable op carries ``meta.LAYER_SPEC`` (possibly None),
+``meta.LAYER``, ``meta.OP_KIND`` and ``meta.ROLES``; the graph itself is unchanged (bit-identical
+outputs). The count is the number of ops whose annotation changed, so a second run reports 0.
 """
 
 from __future__ import annotations
 
 from stepq.compiler import analysis, meta
-from stepq.compiler.pass_manager import PassResult
+from stepq.compiler.pass_manager import Contract, NodesHave, Pass, PassResult
 from stepq.compiler.program import Program
 from stepq.recipe.specs import Recipe
 
@@ -23,11 +23,25 @@ __all__ = ["AnnotateLayers"]
 _MISSING = object()
 
 
-class AnnotateLayers:
+def _quantizable(node: object) -> bool:
+    return analysis.op_kind(node) is not None  # type: ignore[arg-type]
+
+
+class AnnotateLayers(Pass):
     name = "annotate_layers"
+    contract = Contract(
+        produces=tuple(NodesHave(k, on=_quantizable, what="quantizable op")
+                       for k in (meta.LAYER_SPEC, meta.LAYER, meta.OP_KIND, meta.ROLES)),
+        preserves_semantics=True,
+        tolerance=0.0,
+        idempotent=True,
+    )
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
+
+    def __repr__(self) -> str:
+        return f"AnnotateLayers({self.recipe.name!r})"
 
     def __call__(self, prog: Program) -> PassResult:
         gm = prog.gm

@@ -10,7 +10,8 @@ Rewrites (each counted):
   [B, 64, C] tensor; FACTS.md Q1). Replaced by its input.
 * ``aten.dropout.default(x, p, train=False)`` — identity in eval mode. Replaced by its input.
 
-Requires: a captured graph with ``meta['val']``. Guarantees: same numerics; none of the above left.
+Requires: placeholders with ``meta['val']`` (a captured graph). Guarantees: none of the above left;
+bit-identical outputs; a second run rewrites nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from stepq.compiler.pass_manager import PassResult
+from stepq.compiler.pass_manager import Contract, NodesHave, OpAbsent, Pass, PassResult
 from stepq.compiler.program import Program
 
 __all__ = ["CanonicalizeExport"]
@@ -39,15 +40,33 @@ def _squeeze_is_noop(node: torch.fx.Node) -> bool:
     return isinstance(size, int) and size != 1
 
 
-class CanonicalizeExport:
+def _is_guards_fn(node: torch.fx.Node) -> bool:
+    return node.op == "call_module" and node.target == "_guards_fn"
+
+
+def _is_eval_dropout(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is aten.dropout.default and len(node.args) >= 3
+            and node.args[2] is False)
+
+
+class CanonicalizeExport(Pass):
     name = "canonicalize_export"
+    contract = Contract(
+        requires=(NodesHave("val", on=lambda n: n.op == "placeholder", what="placeholder"),),
+        produces=(OpAbsent(_is_guards_fn, "_guards_fn call"),
+                  OpAbsent(lambda n: n.op == "call_function" and _squeeze_is_noop(n), "no-op squeeze"),
+                  OpAbsent(_is_eval_dropout, "eval-mode dropout")),
+        preserves_semantics=True,
+        tolerance=0.0,
+        idempotent=True,
+    )
 
     def __call__(self, prog: Program) -> PassResult:
         graph = prog.gm.graph
         count = 0
         details = []
         for node in list(graph.nodes):
-            if node.op == "call_module" and node.target == "_guards_fn":
+            if _is_guards_fn(node):
                 graph.erase_node(node)
                 if hasattr(prog.gm, "_guards_fn"):
                     delattr(prog.gm, "_guards_fn")
@@ -58,8 +77,7 @@ class CanonicalizeExport:
                 graph.erase_node(node)
                 count += 1
                 details.append(f"removed no-op squeeze {node.name}")
-            elif (node.op == "call_function" and node.target is aten.dropout.default
-                  and len(node.args) >= 3 and node.args[2] is False):
+            elif _is_eval_dropout(node):
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
                 count += 1

@@ -20,9 +20,12 @@ the rewrite is the identity (exactly: y − 0 = y, y / 1 = y), so convert can in
 ``stepq.methods.ptqd.apply`` fill it once the statistics are measured. Like the TDQ tables it is a Gather on
 the timestep in ONNX; inference pays two gathers, a subtraction and a division.
 
-Requires: a converted or calibrated graph whose first output is the prediction [B, ≥C, …].
-Guarantees: one correction on that output; a second run changes nothing; new statistics update the
-buffers (counted as one rewrite).
+The pass only inserts the correction (buffers initialised from the state as it is); filling the
+buffers of an existing correction with new statistics or flags is ``refresh_tables``.
+
+Requires: no observer left; the first output is the prediction, a [B, ≥C, …] tensor (checked by the
+pass: ``PreconditionError``). Guarantees: exactly one correction on that output; a second run
+rewrites nothing. Not semantics-preserving in general (exact only while K = B = 0).
 """
 
 from __future__ import annotations
@@ -33,17 +36,17 @@ import torch
 import torch.fx
 
 from stepq.compiler import meta
-from stepq.compiler.analysis import shares_batch
 from stepq.compiler.errors import PreconditionError
-from stepq.compiler.graph_utils import fetch_attr, has_attr, register_tensor
-from stepq.compiler.pass_manager import PassResult
+from stepq.compiler.graph_utils import has_attr, register_tensor
+from stepq.compiler.pass_manager import Contract, OpAbsent, OpPresent, Pass, PassResult
 from stepq.compiler.program import Program
-from stepq.passes.attach_timestep_tables import timestep_index_node
+from stepq.compiler.timesteps import gather_timestep_table
+from stepq.passes.materialize_quantizers import is_observer
 
 if TYPE_CHECKING:
     from stepq.methods.ptqd.statistics import PTQDStats
 
-__all__ = ["BIAS_TABLE", "K_TABLE", "CorrectNoise", "correction_tables", "prediction_node"]
+__all__ = ["BIAS_TABLE", "K_TABLE", "CorrectNoise", "correction_tables", "is_correction_table", "prediction_node"]
 
 aten = torch.ops.aten
 
@@ -100,23 +103,24 @@ def correction_tables(prog: Program, channels: int) -> tuple[torch.Tensor, torch
     return k, b
 
 
-def _existing(gm: torch.fx.GraphModule) -> bool:
-    return any(n.op == "get_attr" and n.target == K_TABLE for n in gm.graph.nodes)
+def is_correction_table(node: torch.fx.Node) -> bool:
+    """The get_attr of the correction's K table."""
+    return node.op == "get_attr" and node.target == K_TABLE
 
 
-class CorrectNoise:
+class CorrectNoise(Pass):
     name = "correct_noise"
+    contract = Contract(
+        requires=(OpAbsent(is_observer, "observer"),),
+        produces=(OpPresent(is_correction_table, "correction reading the K table"),),
+        preserves_semantics=False,
+        idempotent=True,
+    )
 
     def __call__(self, prog: Program) -> PassResult:
         gm, graph = prog.gm, prog.gm.graph
-        if _existing(gm):
-            k_buf, b_buf = fetch_attr(gm, K_TABLE), fetch_attr(gm, BIAS_TABLE)
-            k, b = correction_tables(prog, b_buf.shape[1])
-            if torch.equal(k_buf, k) and torch.equal(b_buf, b):
-                return PassResult(0)
-            k_buf.copy_(k)
-            b_buf.copy_(b)
-            return PassResult(1)
+        if any(is_correction_table(n) for n in graph.nodes):
+            return PassResult(0)
         if has_attr(gm, K_TABLE):
             raise PreconditionError(f"correct_noise: {K_TABLE!r} exists but no correction reads it")
         pred = prediction_node(gm)
@@ -129,11 +133,10 @@ class CorrectNoise:
         k, b = correction_tables(prog, C)
         k_name = register_tensor(gm, K_TABLE, k)
         b_name = register_tensor(gm, BIAS_TABLE, b)
-        idx = timestep_index_node(prog)
-        idx_val = idx.meta.get("val")
-        per_sample = shares_batch(pred, prog.timestep_node)
-        ones = [1] * (val.dim() - 2)
         output = next(n for n in graph.nodes if n.op == "output")
+        extra = {meta.PTQD_NODE: _ROLE}
+        kt = gather_timestep_table(prog, k_name, pred, broadcast=True, before=output, extra_meta=extra)
+        bt = gather_timestep_table(prog, b_name, pred, broadcast=True, before=output, extra_meta=extra)
         new: list[torch.fx.Node] = []
 
         def call(target, *args):
@@ -142,19 +145,12 @@ class CorrectNoise:
             return node
 
         with graph.inserting_before(output):
-            index = idx
-            if not per_sample and isinstance(idx_val, torch.Tensor) and idx_val.dim() == 1:
-                index = call(aten.select.int, idx, 0, 0)
-            k_attr, b_attr = graph.get_attr(k_name), graph.get_attr(b_name)
-            new += [k_attr, b_attr]
-            kt = call(aten.view.default, call(aten.index.Tensor, k_attr, [index]), [-1, 1, *ones])
-            bt = call(aten.view.default, call(aten.index.Tensor, b_attr, [index]), [-1, C, *ones])
             eps = pred if val.shape[1] == C else call(aten.slice.Tensor, pred, 1, 0, C)
             y = call(aten.div.Tensor, call(aten.sub.Tensor, eps, bt), call(aten.add.Tensor, kt, 1.0))
             if val.shape[1] != C:
                 y = call(aten.cat.default, [y, call(aten.slice.Tensor, pred, 1, C, None)], 1)
         for n in new:
-            meta.mark_inserted(n, **{meta.PTQD_NODE: _ROLE})
+            meta.mark_inserted(n, **extra)
         y.meta["val"] = val
         output.replace_input_with(pred, y)
         return PassResult(1)

@@ -4,10 +4,19 @@
  →  fake_quant(x, s_static, z, …)   and   prog.state.timestep_tables[q_l] = (S_l(0 … T−1), z)
 
 The tables are what ``attach_timestep_tables`` (the next pass) gathers from, so the deployed graph
-has no generator: TDQ costs one gather per quantizer at inference. For a free table, timesteps
-never visited in fitting are interpolated (``ScaleTable.tables``).
+has no generator: TDQ costs one gather per quantizer at inference.
 
-Requires: ``insert_scale_source``. Guarantees: no scale source left; one table per quantizer it fed.
+The source is duck-typed: any module under ``activation_scale_source`` with
+
+    names: list[str]          the quantizer of each row, in order
+    tables() -> Tensor [L, T] every row at every training timestep t = 0 … T−1
+
+(``stepq.methods.tdq.sources``' ``ScaleGenerators`` evaluate their MLPs; ``ScaleTable``
+interpolates the timesteps never visited in fitting).
+
+Requires: nothing (without a scale source the pass rewrites nothing). Guarantees: no scale source
+left; one table per quantizer it fed, in ``prog.state.timestep_tables``. Not semantics-preserving:
+until ``attach_timestep_tables`` runs, the quantizers read their static steps again; idempotent.
 """
 
 from __future__ import annotations
@@ -15,20 +24,22 @@ from __future__ import annotations
 import torch
 
 from stepq.compiler import meta, ops
+from stepq.compiler.errors import PreconditionError
 from stepq.compiler.graph_utils import arg_node, fetch_attr
-from stepq.compiler.pass_manager import PassResult
+from stepq.compiler.pass_manager import Contract, OpAbsent, Pass, PassResult
 from stepq.compiler.program import Program
 from stepq.compiler.state import TimestepTable
-from stepq.methods.tdq.sources import ScaleGenerators, ScaleTable
-from stepq.passes.insert_scale_source import SCALE_SOURCE, scale_source_node
+from stepq.passes.insert_scale_source import SCALE_SOURCE, is_scale_source, scale_source_node
 
 __all__ = ["FreezeScaleSource"]
 
 aten = torch.ops.aten
 
 
-class FreezeScaleSource:
+class FreezeScaleSource(Pass):
     name = "freeze_scale_source"
+    contract = Contract(produces=(OpAbsent(is_scale_source, "scale source"),), preserves_semantics=False,
+                        idempotent=True)
 
     def __call__(self, prog: Program) -> PassResult:
         gm, graph = prog.gm, prog.gm.graph
@@ -36,8 +47,11 @@ class FreezeScaleSource:
         if call is None:
             return PassResult(0)
         source = gm.get_submodule(SCALE_SOURCE)
-        assert isinstance(source, (ScaleGenerators, ScaleTable))
-        tables = source.tables().detach().float()  # [L, T]
+        tables_of, names = getattr(source, "tables", None), getattr(source, "names", None)
+        if not (callable(tables_of) and isinstance(names, list)):
+            raise PreconditionError(f"freeze_scale_source: the scale source {type(source).__name__} has no "
+                                    "names list and tables() method")
+        tables = tables_of().detach().float()  # [L, T]
         store = prog.state.timestep_tables
         count = 0
         for fq in [n for n in graph.nodes if n.target is ops.FAKE_QUANT]:
@@ -49,7 +63,7 @@ class FreezeScaleSource:
             if s is not call:
                 continue
             name = fq.meta[meta.ACT_QUANTIZER]
-            row = source.names.index(name)
+            row = names.index(name)
             z = float(fetch_attr(gm, arg_node(fq, 2).target))
             store[name] = TimestepTable(tables[row].clone(), torch.full_like(tables[row], z))
             with graph.inserting_before(fq):

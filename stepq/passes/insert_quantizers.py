@@ -17,7 +17,9 @@ One quantizer serves every consumer of the same tensor with the same spec (q/k/v
 one hidden state share it), int64 and bool operands are never quantized, and an operand that is
 already quantized is left alone, so a second run reports no change.
 
-Requires: ``annotate_layers``. Guarantees: every annotated operand is quantized or observed.
+Requires: every quantizable op annotated (``meta.LAYER_SPEC``). Guarantees: every annotated float
+operand is quantized or observed (a weight computed in the graph is left, with a detail); a second
+run rewrites nothing. Not semantics-preserving (weights are fake-quantized).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from stepq.calibration.observers import ActivationObserver
 from stepq.calibration.qparams import weight_qparams
 from stepq.compiler import analysis, meta, ops
 from stepq.compiler.graph_utils import fetch_attr, register_tensor, unique_name
-from stepq.compiler.pass_manager import PassResult
+from stepq.compiler.pass_manager import Contract, NodesHave, OpAbsent, Pass, PassResult
 from stepq.compiler.program import Program
 from stepq.recipe.specs import QuantSpec
 
@@ -55,8 +57,30 @@ def _operand_suffix(node: torch.fx.Node, index: int) -> str:
     return "lhs_input" if index == analysis.activation_arg_indices(node)[0] else "rhs_input"
 
 
-class InsertQuantizers:
+def _unquantized_operand(node: torch.fx.Node) -> bool:
+    """An annotated op with a float activation operand, or a get_attr weight, that its spec quantizes
+    but nothing quantizes or observes."""
+    spec = meta.get_layer_spec(node)
+    if spec is None or spec.is_float:
+        return False
+    if spec.activation is not None:
+        for idx in analysis.activation_arg_indices(node):
+            x = node.args[idx]
+            if analysis.is_float_tensor(x) and not is_quantizer(x):
+                return True
+    widx = analysis.weight_arg_index(node) if spec.weight is not None else None
+    w = node.args[widx] if widx is not None else None
+    return isinstance(w, torch.fx.Node) and w.op == "get_attr" and not is_quantizer(w)
+
+
+class InsertQuantizers(Pass):
     name = "insert_quantizers"
+    contract = Contract(
+        requires=(NodesHave(meta.LAYER_SPEC, on=lambda n: analysis.op_kind(n) is not None, what="quantizable op"),),
+        produces=(OpAbsent(_unquantized_operand, "annotated op with an operand neither quantized nor observed"),),
+        preserves_semantics=False,
+        idempotent=True,
+    )
 
     def __call__(self, prog: Program) -> PassResult:
         gm = prog.gm

@@ -7,7 +7,10 @@ The scale and zero point come from the observer's statistics and the spec's obse
 themselves (overall and per training timestep) move to ``prog.state.activation_stats`` so
 timestep-indexed methods can start from them. The observer modules are deleted.
 
-Requires: observers that saw data. Guarantees: no observer left; one fake_quant per observer.
+Requires: nothing the manager can check up front (an observer that saw no data raises
+``CalibrationError``). Guarantees: no observer left; one fake_quant per observer, and its statistics
+in ``prog.state.activation_stats``. Not semantics-preserving (an observer is the identity, a
+fake_quant is not); idempotent.
 """
 
 from __future__ import annotations
@@ -17,14 +20,22 @@ from stepq.calibration.qparams import activation_qparams
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import CalibrationError
 from stepq.compiler.graph_utils import register_tensor
-from stepq.compiler.pass_manager import PassResult
+from stepq.compiler.pass_manager import Contract, OpAbsent, Pass, PassResult
 from stepq.compiler.program import Program
 
-__all__ = ["MaterializeQuantizers", "observer_nodes"]
+__all__ = ["MaterializeQuantizers", "is_observer", "observer_nodes"]
 
 
-class MaterializeQuantizers:
+def is_observer(node: torch.fx.Node) -> bool:
+    """Whether ``node`` calls an ``ActivationObserver``."""
+    gm = node.graph.owning_module
+    return (node.op == "call_module" and gm is not None
+            and isinstance(gm.get_submodule(str(node.target)), ActivationObserver))
+
+
+class MaterializeQuantizers(Pass):
     name = "materialize_quantizers"
+    contract = Contract(produces=(OpAbsent(is_observer, "observer"),), preserves_semantics=False, idempotent=True)
 
     def __call__(self, prog: Program) -> PassResult:
         gm = prog.gm

@@ -8,7 +8,8 @@ with ``W_q = clamp(round(W / s) + z, qmin, qmax)``. The dequantized weight equal
 one bit for bit (same arithmetic), so the converted model computes exactly what the calibrated
 program did. The floating-point weight is deleted when nothing else reads it.
 
-Requires: weight quantizers whose input is a ``get_attr``. Guarantees: no weight fake_quant left.
+Requires: nothing. Guarantees: no weight fake_quant of a ``get_attr`` weight left (one of a weight
+computed in the graph stays); bit-identical outputs; a second run rewrites nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from stepq.compiler import meta, ops
 from stepq.compiler.graph_utils import delete_attr, fetch_attr, register_tensor
-from stepq.compiler.pass_manager import PassResult
+from stepq.compiler.pass_manager import Contract, OpAbsent, Pass, PassResult
 from stepq.compiler.program import Program
 
 __all__ = ["QuantizeWeights", "grid_bits"]
@@ -32,8 +33,19 @@ def grid_bits(quant_min: int, quant_max: int) -> tuple[int, bool]:
     return bits, signed
 
 
-class QuantizeWeights:
+def _stored_weight_fake_quant(node: torch.fx.Node) -> bool:
+    return (node.target is ops.FAKE_QUANT and node.meta.get(meta.QUANTIZER_ROLE) == "weight"
+            and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "get_attr")
+
+
+class QuantizeWeights(Pass):
     name = "quantize_weights"
+    contract = Contract(
+        produces=(OpAbsent(_stored_weight_fake_quant, "weight fake_quant of a stored weight"),),
+        preserves_semantics=True,
+        tolerance=0.0,
+        idempotent=True,
+    )
 
     def __call__(self, prog: Program) -> PassResult:
         gm = prog.gm

@@ -37,12 +37,12 @@ from stepq.backends.onnx.partition import (
     act_quant,
     conv_args,
     nbits_block_size,
-    timestep_table_index,
     weight_quant,
 )
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import PostconditionError
 from stepq.compiler.graph_utils import delete_attr, fetch_attr, register_tensor
+from stepq.compiler.timesteps import match_timestep_gather
 
 __all__ = ["LoweringResult", "lower"]
 
@@ -105,11 +105,11 @@ class _Lowering:
         dtype = _zp_dtype(a.quant_min)
         with self.graph.inserting_before(fq):
             if a.source == "table":
-                s_tab, idx = timestep_table_index(s)  # type: ignore[misc]
-                z_tab, _ = timestep_table_index(z)  # type: ignore[misc]
-                i0 = self._first_timestep(idx)
-                scale = self.graph.call_function(onnx_ops.GATHER_ROW, (s_tab, i0))
-                zp = self.graph.call_function(onnx_ops.GATHER_ROW, (self._int_zero_point(z_tab, dtype), i0))
+                sg, zg = match_timestep_gather(s), match_timestep_gather(z)
+                assert sg is not None and zg is not None  # act_quant said "table"
+                i0 = self._first_timestep(sg.index)
+                scale = self.graph.call_function(onnx_ops.GATHER_ROW, (sg.table, i0))
+                zp = self.graph.call_function(onnx_ops.GATHER_ROW, (self._int_zero_point(zg.table, dtype), i0))
                 if a.axis == 0:
                     self.result.collapsed_per_sample.append(fq.name)
             elif a.source == "static":

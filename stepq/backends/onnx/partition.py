@@ -14,7 +14,7 @@ order; the first that takes a node tags it):
 | weight_dequantize | any other dequantize | DequantizeLinear from an INT8 / INT4 initializer | float consumer |
 | weight_unpack | unpack feeding a dequantize | folded into the initializer | – |
 | timestep_index | timestep_index(t, T, scale) | Cast · scale → Round → Cast → Clip[0, T−1] | – |
-| timestep_gather | index(table, [i]) of a timestep table | Gather(table, i[0]) (batch shares the first timestep) | – |
+| timestep_gather | a timestep gather (``stepq.compiler.timesteps.match_timestep_gather``: index(table, [i]) or index(table, [select(i, 0, 0)])) | Gather(table, i[0]) (batch shares the first timestep) | – |
 
 A linear or conv2d that reads a quantized weight and that no integer row takes is left as it is
 (its operands still lower to Q/DQ, so it runs as a float kernel) and is reported with the reasons
@@ -33,6 +33,7 @@ import torch.fx
 from stepq.backends.base import Partitioner, Placement
 from stepq.compiler import ops
 from stepq.compiler.graph_utils import fetch_attr
+from stepq.compiler.timesteps import match_timestep_gather
 
 __all__ = ["TABLE", "ActQuant", "OnnxPartitioner", "WeightQuant", "act_quant", "nbits_block_size", "weight_quant"]
 
@@ -41,7 +42,6 @@ BACKEND = "onnx"
 LINEAR = aten.linear.default
 CONV2D = aten.conv2d.default
 INDEX = aten.index.Tensor
-SELECT = aten.select.int
 
 
 def _attr(node: object) -> torch.Tensor | None:
@@ -57,22 +57,6 @@ def _attr(node: object) -> torch.Tensor | None:
 def _val(node: object) -> torch.Tensor | None:
     v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
-
-
-def timestep_table_index(node: object) -> tuple[torch.fx.Node, torch.fx.Node] | None:
-    """(table get_attr, timestep_index node) if ``node`` is ``index(table, [i])`` of a timestep table."""
-    if not (isinstance(node, torch.fx.Node) and node.target is INDEX):
-        return None
-    table, indices = node.args[0], node.args[1]
-    if _attr(table) is None or not isinstance(indices, (list, tuple)) or len(indices) != 1:
-        return None
-    i = indices[0]
-    if isinstance(i, torch.fx.Node) and i.target is SELECT and i.args[1:] == (0, 0):
-        i = i.args[0]
-    if isinstance(i, torch.fx.Node) and i.target is ops.TIMESTEP_INDEX:
-        assert isinstance(table, torch.fx.Node)
-        return table, i
-    return None
 
 
 @dataclass(frozen=True)
@@ -98,8 +82,8 @@ def act_quant(node: object) -> ActQuant | str:
     assert isinstance(x, torch.fx.Node)
     if group:
         return "the activation is quantized per group; integer kernels need one scale per tensor"
-    st, zt = timestep_table_index(s), timestep_table_index(z)
-    if st is not None and zt is not None:
+    st, zt = match_timestep_gather(s), match_timestep_gather(z)
+    if st is not None and zt is not None and st.view is None and zt.view is None:
         if axis not in (None, 0):
             return f"a timestep-table quantizer on axis {axis}"
         return ActQuant(node, x, "table", qmin, qmax, axis, 0)
@@ -276,7 +260,8 @@ def _always(node: torch.fx.Node) -> str | None:
 
 
 def _is_table_gather(node: torch.fx.Node) -> str | None:
-    return None if timestep_table_index(node) is not None else "not a timestep-table lookup"
+    g = match_timestep_gather(node)
+    return None if g is not None and _attr(g.table) is not None else "not a timestep-table lookup"
 
 
 def _unpack_feeds_dequantize(node: torch.fx.Node) -> str | None:

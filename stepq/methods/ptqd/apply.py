@@ -10,13 +10,16 @@
 ``apply`` runs, on the model's own program (in place):
 
 1. the PTQD passes, so the graph has the output correction (identity until filled) and, for mixed
-   precision, the per-timestep bit switch (every step at the top width until chosen);
+   precision, the lower widths' scales (``calibrate_widths``) and the per-timestep bit switch
+   (every step at the top width until chosen); ``refresh_tables`` resets the buffers of a model
+   that had them to that starting point;
 2. mixed precision: for each width b, every step pinned to b and SNR^Q_b(t) measured against the
-   FP model on the same inputs; the bits table chosen against SNR^F(t) and written into the graph,
-   and each lower width's scales recalibrated on the steps that run at it (the SNR^Q curves kept in
-   the state are those the choice was made on: scales calibrated on all steps);
+   FP model on the same inputs; the bits table chosen against SNR^F(t), each lower width's scales
+   recalibrated on the steps that run at it (``calibrate_widths``), both written into the graph
+   (``refresh_tables``; the SNR^Q curves kept in the state are those the choice was made on: scales
+   calibrated on all steps);
 3. the statistics k_t, b_t, σ_q(t) of the (mixed) model, with the correction off, on the same
-   inputs; the correction tables filled from them and the recipe's flags.
+   inputs; ``refresh_tables`` fills the correction tables from them and the recipe's flags.
 """
 
 from __future__ import annotations
@@ -31,11 +34,10 @@ import torch
 from stepq.artifact.quantized_model import QuantizedModel
 from stepq.compiler.errors import PreconditionError
 from stepq.compiler.pass_manager import Skip, run_passes
-from stepq.methods.ptqd.mixed import MixedPrecision, choose_bits, forward_snr, set_bits
+from stepq.methods.ptqd.mixed import CalibrateWidths, MixedPrecision, choose_bits, forward_snr, set_bits
 from stepq.methods.ptqd.scheduler import PTQDScheduler, scheduler_kind
 from stepq.methods.ptqd.statistics import PTQDStats, measure, predictions
-from stepq.passes.correct_noise import CorrectNoise
-from stepq.passes.select_bits import SelectBits
+from stepq.passes import CorrectNoise, RefreshTables, SelectBits
 from stepq.recipe.specs import PTQDConfig
 
 __all__ = ["apply", "copy_model", "scheduler_for", "with_config"]
@@ -87,11 +89,13 @@ def apply(qm: QuantizedModel, fp_model: Any, data: Iterable[Mapping[str, Any]], 
         raise PreconditionError("stepq.methods.ptqd.apply needs data: the iterable yielded no input dicts")
     prog.state.ptqd = None  # measure the uncorrected model: the correction is the identity
     prog.state.ptqd_bits = None  # and start from every step at the top width, all-step scales
-    run_passes(prog, [SelectBits() if cfg.mixed_bits else Skip("select_bits", "PTQDConfig.mixed_bits is empty"),
-                      CorrectNoise()])
+    mixed = cfg.mixed_bits or ()
+    run_passes(prog, [CalibrateWidths() if mixed else Skip("calibrate_widths", "PTQDConfig.mixed_bits is empty"),
+                      SelectBits() if mixed else Skip("select_bits", "PTQDConfig.mixed_bits is empty"),
+                      CorrectNoise(), RefreshTables()])
     kw: dict[str, Any] = dict(timestep_arg=prog.timestep_arg, num_train_timesteps=T,
-                              timestep_scale=prog.timestep_scale, guidance_scale=cfg.guidance_scale,
-                              channels=_channels(qm))
+                              timestep_scale=prog.timestep_scale, timestep_policy=prog.recipe.timestep_policy,
+                              guidance_scale=cfg.guidance_scale, channels=_channels(qm))
     refs = predictions(fp_model, items, guidance_scale=cfg.guidance_scale, channels=kw["channels"])
     if cfg.mixed_bits:
         snr_f = forward_snr(scheduler if scheduler is not None else _default_scheduler(T), T)
@@ -107,13 +111,13 @@ def apply(qm: QuantizedModel, fp_model: Any, data: Iterable[Mapping[str, Any]], 
                                                                           cfg.mixed_bits),
                             snr_q=snr_q, snr_f=snr_f, visited=visited, margin=cfg.snr_margin)
         prog.state.ptqd_bits = mp
-        # writes the table and recalibrates each lower width on the steps that now run at it
-        run_passes(prog, [SelectBits()])
+        # each lower width recalibrated on the steps that now run at it; the table and scales written
+        run_passes(prog, [CalibrateWidths(), RefreshTables()])
         log.info("PTQD mixed precision: %.1f%% of the training timesteps at %d bits",
                  100 * mp.share(torch.arange(T)), cfg.mixed_bits[0])
     stats = measure(refs, qm, items, normality_samples=cfg.normality_samples, seed=cfg.seed, **kw)
     prog.state.ptqd = stats
-    run_passes(prog, [CorrectNoise()])
+    run_passes(prog, [RefreshTables()])
     return qm
 
 
@@ -128,7 +132,7 @@ def with_config(qm: QuantizedModel, config: PTQDConfig) -> QuantizedModel:
                                 "bit schedule")
     out = copy_model(qm)
     out.program.recipe = prog.recipe.replace(ptqd=config)
-    run_passes(out.program, [CorrectNoise()])
+    run_passes(out.program, [CorrectNoise(), RefreshTables()])
     return out
 
 

@@ -7,9 +7,15 @@ bits). PTQD picks per timestep the smallest b with SNR^Q_b(t) > SNR^F(t), and th
 when none qualifies: early, noisy steps tolerate low-bit noise that the late steps do not.
 
 The graph side is ``stepq.passes.select_bits``; here: the choice (``choose_bits``), the state saved
-with the model (``MixedPrecision``), a helper that pins every step to one width (``set_bits``, used
-to measure SNR^Q_b), ``specialize`` (the single-width graph, what each branch of the ONNX If is),
-and bit operations (BOPs = Σ MACs · w_bits · a_bits over the conv / linear layers).
+with the model (``MixedPrecision``), the lower widths' scales (``CalibrateWidths``, into
+``prog.state.ptqd_scales``), a helper that pins every step to one width (``set_bits``, used to
+measure SNR^Q_b), ``specialize`` (the single-width graph, what each branch of the ONNX If is), and
+bit operations (BOPs = Σ MACs · w_bits · a_bits over the conv / linear layers).
+
+Each lower width b of a switched quantizer is calibrated on the statistics of the timesteps that run
+at b once a bits table is chosen (PTQD: "calibrated on that step range's data"; the observers keep
+per-timestep samples), falling back to all timesteps where calibration saw none of them, or before a
+table is chosen (``stepq.calibration.qparams.low_bit_qparams``).
 """
 
 from __future__ import annotations
@@ -24,13 +30,17 @@ import torch.fx
 from torch import Tensor
 
 from stepq.artifact.quantized_model import QuantizedModel
+from stepq.calibration.qparams import low_bit_qparams, low_bit_spec
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import PreconditionError
 from stepq.compiler.graph_utils import delete_attr, fetch_attr, has_attr
-from stepq.passes.select_bits import BITS_TABLE
+from stepq.compiler.pass_manager import Contract, Pass, PassResult, RecipeHas, StateCovers
+from stepq.compiler.program import Program
+from stepq.compiler.state import QParams
+from stepq.passes.select_bits import BITS_TABLE, bits_table, switched_quantizers, to_switch
 
-__all__ = ["LayerCost", "MixedPrecision", "bit_operations", "choose_bits", "forward_snr", "layer_costs",
-           "set_bits", "specialize"]
+__all__ = ["CalibrateWidths", "LayerCost", "MixedPrecision", "bit_operations", "choose_bits", "forward_snr",
+           "layer_costs", "set_bits", "specialize"]
 
 aten = torch.ops.aten
 
@@ -75,6 +85,53 @@ def choose_bits(snr_q: Tensor, snr_f: Tensor, bits: Sequence[int]) -> Tensor:
     for j in reversed(range(len(bits) - 1)):
         table = torch.where(snr_q[j] > snr_f, torch.tensor(bits[j]), table)
     return table
+
+
+class CalibrateWidths(Pass):
+    """The lower widths' scale and zero point of every switched (or switchable) activation quantizer,
+    from its calibration statistics, into ``prog.state.ptqd_scales`` (graph untouched).
+
+    The steps of width b are those ``prog.state.ptqd_bits`` runs at b (all steps without a chosen
+    table). A quantizer reading timestep tables (its ``prog.state.timestep_tables`` entry: TDQ) gets
+    [T] tables. Switched quantizers without statistics (a loaded model) are skipped. The count is the
+    number of (quantizer, width) entries that changed.
+    """
+
+    name = "calibrate_widths"
+    contract = Contract(
+        requires=(RecipeHas("ptqd"), StateCovers("activation_stats", to_switch, "switchable activation quantizer")),
+        produces=(StateCovers("ptqd_scales", to_switch, "switchable activation quantizer"),),
+        preserves_semantics=True,  # state only
+        idempotent=True,
+    )
+
+    def __call__(self, prog: Program) -> PassResult:
+        cfg = prog.recipe.ptqd
+        if cfg is None or not cfg.mixed_bits:
+            return PassResult(0)
+        widths = tuple(cfg.mixed_bits)
+        table, chosen = bits_table(prog, widths), prog.state.has("ptqd_bits")
+        state = prog.state
+        quantizers = [top for top, _ in switched_quantizers(prog.gm)] + to_switch(prog)
+        count = 0
+        for fq in quantizers:
+            name = fq.meta[meta.ACT_QUANTIZER]
+            st = state.activation_stats.get(name)
+            if st is None:
+                continue
+            spec = fq.meta[meta.QSPEC]
+            tt = state.timestep_tables.get(name)
+            tables = (tt.scale.detach().float(), tt.zero_point.detach().float()) if tt is not None else None
+            entry = dict(state.ptqd_scales.get(name, {}))  # a state copy shares the inner dicts: replace, never edit
+            state.ptqd_scales[name] = entry
+            for b in widths[:-1]:
+                steps = torch.nonzero(table == b).reshape(-1) if chosen else None
+                s, z = low_bit_qparams(st, spec, low_bit_spec(spec, b), steps, tables)
+                old = entry.get(b)
+                if old is None or not (torch.equal(old.scale, s) and torch.equal(old.zero_point, z)):
+                    entry[b] = QParams(s, z)
+                    count += 1
+        return PassResult(count)
 
 
 def set_bits(qm: QuantizedModel, bits: int | Tensor) -> None:

@@ -292,11 +292,11 @@ def predictions(model: Model, data: Iterable[Mapping[str, Any]], *, guidance_sca
 
 
 def _item_timesteps(item: Mapping[str, Any], timestep_arg: str, batch: int, scale: float, T: int,
-                    guided: bool) -> Tensor:
+                    guided: bool, policy: str) -> Tensor:
     if timestep_arg not in item:
         raise CalibrationError(f"an input dict has no timestep argument {timestep_arg!r}")
     t = torch.as_tensor(item[timestep_arg]).reshape(-1)
-    idx = timestep_index(t, scale=scale, num_train_timesteps=T, policy="clamp", where="PTQD statistics")
+    idx = timestep_index(t, scale=scale, num_train_timesteps=T, policy=policy, where="PTQD statistics")
     if guided and idx.numel() == 2 * batch:
         idx = idx[:batch]
     if idx.numel() == 1:
@@ -309,7 +309,7 @@ def _item_timesteps(item: Mapping[str, Any], timestep_arg: str, batch: int, scal
 @torch.no_grad()
 def measure(fp: Model | Sequence[Tensor], quantized: Model, data: Iterable[Mapping[str, Any]], *,
             timestep_arg: str = "timestep", num_train_timesteps: int = 1000, timestep_scale: float = 1.0,
-            guidance_scale: float = 1.0, channels: int | None = None, normality_samples: int | None = 20000,
+            timestep_policy: str = "error", guidance_scale: float = 1.0, channels: int | None = None, normality_samples: int | None = 20000,
             seed: int = 0) -> PTQDStats:
     """PTQD statistics of ``quantized`` against ``fp`` on the input dicts ``data``.
 
@@ -317,7 +317,9 @@ def measure(fp: Model | Sequence[Tensor], quantized: Model, data: Iterable[Mappi
     ``guidance_scale != 1`` each dict is the batched [cond; uncond] call and the statistics are taken
     on the guidance-combined prediction. ``fp`` may be the list ``predictions(fp_model, data, ...)``
     (reused across measurements). ``channels`` keeps the first channels of the outputs (learned
-    variance); by default all of them.
+    variance); by default all of them. Timesteps map to table rows as in the compiled graph
+    (``stepq.compiler.timesteps.timestep_index`` with the recipe's ``timestep_policy``: a timestep
+    outside [0, T] raises, or clamps with a warning).
     """
     items = list(data)
     refs = fp if isinstance(fp, Sequence) else None
@@ -330,7 +332,8 @@ def measure(fp: Model | Sequence[Tensor], quantized: Model, data: Iterable[Mappi
         eps_hat = _prediction(quantized(**item), guidance_scale, channels)
         if acc is None:
             acc = ErrorAccumulator(num_train_timesteps, eps.shape[1], normality_samples=normality_samples, seed=seed)
-        t_idx = _item_timesteps(item, timestep_arg, eps.shape[0], timestep_scale, num_train_timesteps, guided)
+        t_idx = _item_timesteps(item, timestep_arg, eps.shape[0], timestep_scale, num_train_timesteps, guided,
+                                timestep_policy)
         acc.add(t_idx, eps, eps_hat)
     if acc is None:
         raise CalibrationError("PTQD statistics need data: the iterable yielded no input dicts")

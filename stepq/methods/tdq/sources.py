@@ -17,6 +17,8 @@ s_l(t) = softplus(θ[l, t]), initialised to the static step. Timesteps never vis
 get no gradient; ``tables()`` fills them by linear interpolation between visited neighbours.
 
 ``tables()`` evaluates a source at every t ∈ [0, T): that table is what the deployed graph gathers.
+``make_scale_source`` is the factory ``stepq.passes.InsertScaleSource`` is built with: the recipe's
+``tdq.method`` picks the kind.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ScaleGenerators", "ScaleTable", "fourier_features", "inverse_softplus"]
+from stepq.recipe.specs import Recipe
+
+__all__ = ["ScaleGenerators", "ScaleTable", "fourier_features", "inverse_softplus", "make_scale_source"]
 
 
 def inverse_softplus(s: Tensor) -> Tensor:
@@ -117,3 +121,16 @@ class ScaleTable(nn.Module):
         out = s[:, lo] * (1 - w) + s[:, hi] * w
         out[:, seen] = s[:, seen]
         return out
+
+
+def make_scale_source(recipe: Recipe, names: list[str], static: Tensor) -> nn.Module:
+    """The scale source ``recipe.tdq`` asks for, over the quantizers ``names`` starting at the static
+    steps ``static`` [L]: ``ScaleGenerators`` for ``method="mlp"``, else a free ``ScaleTable``."""
+    cfg = recipe.tdq
+    if cfg is None:
+        raise ValueError(f"make_scale_source: recipe {recipe.name!r} has no tdq section")
+    T = recipe.num_train_timesteps
+    if cfg.method == "mlp":
+        return ScaleGenerators(names, static, fourier_dim=cfg.fourier_dim, hidden=cfg.hidden, t_max=cfg.t_max,
+                               num_train_timesteps=T, seed=cfg.seed)
+    return ScaleTable(names, static, num_train_timesteps=T)
