@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging as _logging
 
+from stepq import ptqd
 from stepq.artifact.quantized_model import QuantizedModel, load
 from stepq.compiler import ops as _ops  # noqa: F401  - registers the stepq:: ops
 from stepq.compiler.api import calibrate, convert, prepare, quantize, train
@@ -27,7 +28,6 @@ from stepq.compiler.errors import (
 )
 from stepq.compiler.pipeline import At, build_pipeline
 from stepq.compiler.program import Program
-from stepq.methods import ptqd
 from stepq.recipe.presets import get_preset, preset_names
 from stepq.recipe.specs import (
     LayerRule,

@@ -9,8 +9,8 @@ import torch
 from helpers import calib_set, denoiser_inputs
 
 import stepq
+from stepq import ptqd
 from stepq.backends import onnx as ort_backend
-from stepq.methods import ptqd
 from stepq.testing.onnx_cases import rel_l2
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
 

@@ -44,16 +44,21 @@ def test_pipeline_lists_every_stage_in_order_and_skips_with_a_reason(caplog):
                        "fit_scale_source": "the recipe has no TDQ section",
                        "train_qat": "the recipe has no QAT section",
                        "freeze_scale_source": "the recipe has no TDQ section",
+                       "calibrate_widths": "the recipe has no PTQD mixed precision",
                        "select_bits": "the recipe has no PTQD mixed precision",
                        "correct_noise": "the recipe has no PTQD section",
-                       "measure_ptqd": "the recipe has no PTQD section"}
+                       "refresh_tables": "the recipe has no PTQD section",
+                       "choose_bits": "the recipe has no PTQD mixed precision",
+                       "measure_noise": "the recipe has no PTQD section"}
     float_prepare = [s.item for s in build_pipeline(Recipe(name="float")) if s.phase == "prepare"]
     assert isinstance(float_prepare[-1], Skip) and "floating point" in float_prepare[-1].reason
     # every recipe section adds its stages, in the order the methods need them
     names = [s.name for s in build_pipeline(stepq.get_preset("mixed-tdq-ptqd")) if not isinstance(s.item, Skip)]
     assert names.index("insert_scale_source") < names.index("fit_scale_source") < names.index("freeze_scale_source")
     assert names.index("attach_timestep_tables") < names.index("select_bits") < names.index("quantize_weights")
-    assert names[-1] == "measure_ptqd"
+    assert names[names.index("quantize_weights"):] == ["quantize_weights", "refresh_tables", "choose_bits",
+                                                       "calibrate_widths", "refresh_tables", "measure_noise",
+                                                       "refresh_tables"]
 
 
 class _Boom:

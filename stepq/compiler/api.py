@@ -20,12 +20,12 @@ from stepq.calibration.observers import observer_nodes
 from stepq.compiler.capture import capture
 from stepq.compiler.errors import CalibrationError, PreconditionError, RecipeError
 from stepq.compiler.pass_manager import CompileInputs
-from stepq.compiler.pipeline import At, run_phase
+from stepq.compiler.pipeline import PTQD_REWRITES, At, run_phase
 from stepq.compiler.program import Program
 from stepq.recipe.presets import get_preset
-from stepq.recipe.specs import Recipe
+from stepq.recipe.specs import PTQDConfig, Recipe
 
-__all__ = ["calibrate", "convert", "prepare", "quantize", "resolve_recipe", "train"]
+__all__ = ["apply_ptqd", "calibrate", "convert", "prepare", "ptqd_with_config", "quantize", "resolve_recipe", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,52 @@ def quantize(
     if recipe.qat is not None:
         train(prog, train_data, progress=progress, passes=passes, dump=dump)  # type: ignore[arg-type]
     qm = convert(prog, inplace=True, passes=passes, dump=dump)
-    inputs = CompileInputs(calibration=calibration, fp_model=model, ptqd_data=ptqd_data,
-                           ptqd_scheduler=ptqd_scheduler, progress=progress)
-    run_phase(qm.program, "ptqd", inputs, passes=passes, dump=dump)
+    if recipe.ptqd is not None:
+        apply_ptqd(qm, model, ptqd_data if ptqd_data is not None else calibration, scheduler=ptqd_scheduler,
+                   passes=passes, dump=dump)
     return qm
+
+
+def apply_ptqd(qm: QuantizedModel, fp_model: Any, data: Iterable[Mapping[str, Any]], *,
+               config: PTQDConfig | None = None, scheduler: Any = None, passes: Sequence[At] = (),
+               dump: str | os.PathLike[str] | None = None) -> QuantizedModel:
+    """PTQD on a converted model, in place: convert's PTQD rewrites (the correction and, for mixed
+    precision, the bit switch; already there for a PTQD recipe), then the pipeline's "ptqd" phase
+    (the bits chosen and the correction's tables filled from statistics of ``qm`` against
+    ``fp_model`` on ``data``).
+
+    Args:
+        qm: a converted model (any recipe; ``config`` or the recipe's ``ptqd`` section says what to do).
+        fp_model: the floating-point model ``qm`` was compiled from.
+        data: denoiser input dicts recorded along FP trajectories (``stepq.calibration.collect``), at
+            ``config.guidance_scale`` when the model is guided (the dicts are then [cond; uncond] calls).
+        config: overrides ``qm.recipe.ptqd`` (and is recorded in the recipe); default ``PTQDConfig()``.
+        scheduler: the diffusers scheduler whose ᾱ_t gives SNR^F for mixed precision (default: DDPM's).
+    """
+    if not isinstance(qm, QuantizedModel):
+        raise PreconditionError(f"stepq.ptqd.apply takes a QuantizedModel, got {type(qm).__name__}")
+    prog = qm.program
+    prog.recipe = prog.recipe.replace(ptqd=config or prog.recipe.ptqd or PTQDConfig())
+    prog.state.ptqd = None  # measure the uncorrected model: the correction is the identity
+    prog.state.ptqd_bits = None  # and start from every step at the top width, all-step scales
+    inputs = CompileInputs(ptqd_data=data, fp_model=fp_model, ptqd_scheduler=scheduler)
+    # convert's PTQD rewrites (nothing to do when convert ran them), then the ptqd phase
+    run_phase(prog, "convert", only=PTQD_REWRITES, passes=passes, dump=dump)
+    run_phase(prog, "ptqd", inputs, passes=passes, dump=dump)
+    return qm
+
+
+def ptqd_with_config(qm: QuantizedModel, config: PTQDConfig) -> QuantizedModel:
+    """A copy of ``qm`` with its measured PTQD statistics applied under other flags (an ablation):
+    the ptqd phase's refresh_tables re-fills the correction from the same statistics."""
+    prog = qm.program
+    if not prog.state.has("ptqd"):
+        raise PreconditionError("with_config needs a model with PTQD statistics (run stepq.ptqd.apply)")
+    old = prog.recipe.ptqd
+    if old is not None and tuple(old.mixed_bits) != tuple(config.mixed_bits):
+        raise PreconditionError("with_config cannot change mixed_bits: the statistics were measured on the other "
+                                "bit schedule")
+    out = QuantizedModel(prog.replace(gm=copy.deepcopy(prog.gm), state=prog.state.copy(), history=list(prog.history)))
+    out.program.recipe = prog.recipe.replace(ptqd=config)
+    run_phase(out.program, "ptqd", only=frozenset({"refresh_tables"}))
+    return out

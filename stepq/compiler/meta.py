@@ -50,7 +50,7 @@ WEIGHT_BITS = "stepq.weight_bits"
 #: set on every node a stepq pass created.
 STEPQ_INSERTED = "stepq.inserted"
 #: on nodes the PTQD passes created: "correct_noise" (output correction) or "select_bits" (bit switch).
-PTQD_NODE = "stepq.methods.ptqd"
+PTQD_NODE = "stepq.ptqd"
 #: set by a backend's partitioner (on its own copy of the graph): "<backend>:<placement>".
 BACKEND_TAG = "stepq.backend_tag"
 

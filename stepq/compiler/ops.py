@@ -30,10 +30,13 @@ bits first, so packed 4-bit signed data has ONNX's INT4 layout.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import Tensor
+
+from stepq.compiler.errors import TimestepRangeError
 
 __all__ = [
     "check_grid",
@@ -42,8 +45,11 @@ __all__ = [
     "fake_quant",
     "pack",
     "quantize",
+    "timestep_index",
     "unpack",
 ]
+
+log = logging.getLogger(__name__)
 
 _LIB = torch.library.Library("stepq", "DEF")
 
@@ -240,11 +246,30 @@ def _unpack_fake(packed, bits, signed, shape):
     return packed.new_empty(shape, dtype=torch.int8 if signed else torch.uint8)
 
 
+def timestep_index(t: Tensor, *, scale: float = 1.0, num_train_timesteps: int = 1000,
+                   policy: str = "error", where: str = "") -> Tensor:
+    """int64 indices into a length-T table for the timestep tensor ``t`` (any shape)."""
+    v = t.detach()
+    if v.dtype.is_floating_point or scale != 1.0:
+        v = torch.round(v.double() * scale)
+    idx = v.to(torch.int64)
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if hi == num_train_timesteps and lo >= 0:
+            return idx.clamp_max(num_train_timesteps - 1)
+        if lo < 0 or hi > num_train_timesteps:
+            msg = (f"timestep {lo if lo < 0 else hi} is outside the table range [0, {num_train_timesteps}]"
+                   f"{' in ' + where if where else ''}")
+            if policy == "error":
+                raise TimestepRangeError(msg + "; set the recipe's timestep_policy='clamp' to clamp instead")
+            log.warning("%s; clamping", msg)
+            idx = idx.clamp(0, num_train_timesteps - 1)
+    return idx
+
+
 @torch.library.impl(_LIB, "timestep_index", "CompositeExplicitAutograd")
 def _timestep_index_impl(t: Tensor, num_train_timesteps: int, scale: float, clamp: bool) -> Tensor:
-    from stepq.compiler.timesteps import timestep_index as _index
-
-    return _index(t, scale=scale, num_train_timesteps=num_train_timesteps, policy="clamp" if clamp else "error")
+    return timestep_index(t, scale=scale, num_train_timesteps=num_train_timesteps, policy="clamp" if clamp else "error")
 
 
 @torch.library.register_fake("stepq::timestep_index")

@@ -294,7 +294,8 @@ class CompileInputs:
     ``train_data``: (inputs, ε) batches for QAT; ``fp_model``: the floating-point model (PTQD's
     reference); ``ptqd_data``: inputs for PTQD's statistics (default: ``calibration``);
     ``ptqd_scheduler``: the scheduler whose ᾱ_t gives SNR^F. Steps may keep what later steps of the
-    same compile read (``kept``: the bound calibration calls the TDQ fit replays).
+    same compile read (``kept``: the bound calibration calls the TDQ fit replays; ``scratch``: a
+    method's shared intermediates, e.g. PTQD's FP predictions).
     """
 
     calibration: Any = None
@@ -306,6 +307,7 @@ class CompileInputs:
     report: bool = True
     progress: bool = True
     kept: list[dict[str, Any]] = field(default_factory=list)
+    scratch: dict[str, Any] = field(default_factory=dict)
 
 
 class Step:

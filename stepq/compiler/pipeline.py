@@ -27,7 +27,7 @@ from stepq.compiler.errors import RecipeError
 from stepq.compiler.pass_manager import CompileInputs, Pass, PassRecord, Skip, Step, resolve_dump, run_passes
 from stepq.compiler.program import Program
 from stepq.methods.ptqd.mixed import CalibrateWidths
-from stepq.methods.ptqd.steps import MeasurePTQD
+from stepq.methods.ptqd.steps import ChooseBits, MeasureNoise
 from stepq.methods.qat import TrainQAT
 from stepq.methods.tdq import FitScaleSource
 from stepq.methods.tdq.sources import make_scale_source
@@ -41,15 +41,18 @@ from stepq.passes import (
     InsertScaleSource,
     MaterializeQuantizers,
     QuantizeWeights,
+    RefreshTables,
     SelectBits,
 )
 from stepq.recipe.presets import get_preset
 from stepq.recipe.specs import Recipe
 
-__all__ = ["PHASES", "At", "Stage", "build_pipeline", "run_phase"]
+__all__ = ["PHASES", "PTQD_REWRITES", "At", "Stage", "build_pipeline", "run_phase"]
 
 #: the phases, in order; each public step of the API runs one.
 PHASES = ("prepare", "calibrate", "train", "convert", "ptqd")
+#: convert's PTQD stages, which ``stepq.ptqd.apply`` also runs on a model converted without them
+PTQD_REWRITES = frozenset({"calibrate_widths", "select_bits", "correct_noise"})
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ def build_pipeline(recipe: Recipe | str, passes: Sequence[At] = ()) -> list[Stag
     tdq, qat, ptqd = recipe.tdq, recipe.qat, recipe.ptqd
     mixed = ptqd is not None and bool(ptqd.mixed_bits)
     fit = tdq is not None and qat is None and tdq.fit_steps > 0
-    no_tdq = "the recipe has no TDQ section"
+    no_tdq, no_ptqd = "the recipe has no TDQ section", "the recipe has no PTQD section"
+    no_mixed = "the recipe has no PTQD mixed precision"
     stages = [
         # prepare: canonical form, policy (the recipe annotates every quantizable op), mechanism
         Stage("prepare", CanonicalizeExport()),
@@ -112,13 +116,22 @@ def build_pipeline(recipe: Recipe | str, passes: Sequence[At] = ()) -> list[Stag
         Stage("convert", Report()),
         Stage("convert", FreezeScaleSource() if tdq is not None else Skip("freeze_scale_source", no_tdq)),
         Stage("convert", AttachTimestepTables()),
-        # PTQD step-aware mixed precision: a branch per activation width, picked by a bits table gathered by t
-        Stage("convert", SelectBits() if mixed else Skip("select_bits", "the recipe has no PTQD mixed precision")),
-        # PTQD: (ε̂ − b_t)/(1 + k_t) on the output; the identity until the ptqd phase measures k, b
-        Stage("convert", CorrectNoise() if ptqd is not None else Skip("correct_noise", "the recipe has no PTQD section")),
+        # PTQD: the bit switch (a branch per activation width, picked by a bits table gathered by t) and
+        # the correction (ε̂ − b_t)/(1 + k_t), both the identity until the ptqd phase fills their tables
+        Stage("convert", CalibrateWidths() if mixed else Skip("calibrate_widths", no_mixed)),
+        Stage("convert", SelectBits() if mixed else Skip("select_bits", no_mixed)),
+        Stage("convert", CorrectNoise() if ptqd is not None else Skip("correct_noise", no_ptqd)),
         Stage("convert", QuantizeWeights()),
         # ptqd: statistics against the FP model choose the bits and fill the correction tables
-        Stage("ptqd", MeasurePTQD() if ptqd is not None else Skip("measure_ptqd", "the recipe has no PTQD section")),
+        Stage("ptqd", RefreshTables() if ptqd is not None else Skip("refresh_tables", no_ptqd)),
+        # step-aware mixed precision: SNR^Q per width vs SNR^F chooses the bits; each lower width is
+        # recalibrated on the steps that run at it
+        Stage("ptqd", ChooseBits() if mixed else Skip("choose_bits", no_mixed)),
+        Stage("ptqd", CalibrateWidths() if mixed else Skip("calibrate_widths", no_mixed)),
+        Stage("ptqd", RefreshTables() if mixed else Skip("refresh_tables", no_mixed)),
+        # the noise correction: k_t, b_t, σ_q(t) of the (mixed) model fill the correction tables
+        Stage("ptqd", MeasureNoise() if ptqd is not None else Skip("measure_noise", no_ptqd)),
+        Stage("ptqd", RefreshTables() if ptqd is not None else Skip("refresh_tables", no_ptqd)),
     ]
     return _splice(stages, passes)
 
@@ -138,11 +151,13 @@ def _splice(stages: list[Stage], passes: Sequence[At]) -> list[Stage]:
 
 
 def run_phase(prog: Program, phase: str, inputs: CompileInputs | None = None, *, passes: Sequence[At] = (),
-              dump: str | os.PathLike[str] | None = None) -> list[PassRecord]:
-    """Run the stages of ``phase`` of ``prog``'s recipe on ``prog`` (in place)."""
+              only: frozenset[str] | None = None, dump: str | os.PathLike[str] | None = None) -> list[PassRecord]:
+    """Run the stages of ``phase`` of ``prog``'s recipe on ``prog`` (in place); ``only``: just the
+    stages of those names (in the pipeline's order), e.g. refresh_tables to re-fill tables."""
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; the phases are {', '.join(PHASES)}")
-    items = [s.item for s in build_pipeline(prog.recipe, passes) if s.phase == phase]
+    items = [s.item for s in build_pipeline(prog.recipe, passes) if s.phase == phase
+             and (only is None or s.name in only)]
     records = run_passes(prog, items, inputs=inputs, dump=dump)
     folder = resolve_dump(dump)
     if folder is not None:

@@ -27,11 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
-from torch import Tensor
 
 from stepq.compiler import meta, ops
 from stepq.compiler.analysis import shares_batch
-from stepq.compiler.errors import TimestepRangeError
+from stepq.compiler.ops import timestep_index
 
 if TYPE_CHECKING:
     from stepq.compiler.program import Program
@@ -42,27 +41,6 @@ __all__ = ["TimestepGather", "gather_timestep_table", "gathers_per_sample", "mat
 aten = torch.ops.aten
 
 log = logging.getLogger(__name__)
-
-
-def timestep_index(t: Tensor, *, scale: float = 1.0, num_train_timesteps: int = 1000,
-                   policy: str = "error", where: str = "") -> Tensor:
-    """int64 indices into a length-T table for the timestep tensor ``t`` (any shape)."""
-    v = t.detach()
-    if v.dtype.is_floating_point or scale != 1.0:
-        v = torch.round(v.double() * scale)
-    idx = v.to(torch.int64)
-    if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if hi == num_train_timesteps and lo >= 0:
-            return idx.clamp_max(num_train_timesteps - 1)
-        if lo < 0 or hi > num_train_timesteps:
-            msg = (f"timestep {lo if lo < 0 else hi} is outside the table range [0, {num_train_timesteps}]"
-                   f"{' in ' + where if where else ''}")
-            if policy == "error":
-                raise TimestepRangeError(msg + "; set the recipe's timestep_policy='clamp' to clamp instead")
-            log.warning("%s; clamping", msg)
-            idx = idx.clamp(0, num_train_timesteps - 1)
-    return idx
 
 
 # -- in the graph --------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ u' + s(c' − u') = (ε̂_cfg − b)/(1 + k), so correcting each branch corrects
 The tables come from ``prog.state.ptqd`` (``PTQDStats``) and the recipe's ``PTQDConfig``:
 K = k_t when ``correlated`` else 0, B = b_t when ``bias`` else 0. Without statistics both are 0 and
 the rewrite is the identity (exactly: y − 0 = y, y / 1 = y), so convert can insert it and
-``stepq.methods.ptqd.apply`` fill it once the statistics are measured. Like the TDQ tables it is a Gather on
+``stepq.ptqd.apply`` (the pipeline's ptqd phase) fill it once the statistics are measured. Like the TDQ tables it is a Gather on
 the timestep in ONNX; inference pays two gathers, a subtraction and a division.
 
 The pass only inserts the correction (buffers initialised from the state as it is); filling the

@@ -15,7 +15,9 @@ fake_quant is not); idempotent.
 
 from __future__ import annotations
 
-from stepq.calibration.observers import observer_nodes
+import torch.fx
+
+from stepq.calibration.observers import ActivationObserver, observer_nodes
 from stepq.calibration.qparams import activation_qparams
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import CalibrationError

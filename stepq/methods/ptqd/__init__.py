@@ -5,7 +5,8 @@
 * ``stepq.passes.correct_noise``: (ε̂ − b_t)/(1 + k_t) on the denoiser output, gathered by timestep;
 * ``scheduler``: ``PTQDScheduler`` lowers DDPM / DDIM noise by the residual variance;
 * ``mixed``: step-aware activation bit-widths (``stepq.passes.select_bits`` in the graph), BOPs;
-* ``apply``: all of it on a compiled model. Recipes: ``w4a8-ptqd``, ``w4a4-ptqd``, ``mixed-ptqd``
+* ``steps``: the pipeline's PTQD steps (choose_bits, measure_noise); ``stepq.ptqd.apply`` runs the
+  pipeline's "ptqd" phase on a compiled model. Recipes: ``w4a8-ptqd``, ``w4a4-ptqd``, ``mixed-ptqd``
   (and ``-tdq-ptqd``). See docs/PTQD.md.
 
 ONNX: ``qm.export_onnx(path)`` of a mixed-precision model writes one file with an If over its widths
@@ -15,7 +16,6 @@ ONNX: ``qm.export_onnx(path)`` of a mixed-precision model writes one file with a
 
 from __future__ import annotations
 
-from stepq.methods.ptqd.apply import apply, copy_model, scheduler_for, with_config
 from stepq.methods.ptqd.mixed import (
     LayerCost,
     MixedPrecision,
@@ -26,7 +26,12 @@ from stepq.methods.ptqd.mixed import (
     set_bits,
     specialize,
 )
-from stepq.methods.ptqd.scheduler import PTQDScheduler, UnsupportedSchedulerError, scheduler_kind
+from stepq.methods.ptqd.scheduler import (
+    PTQDScheduler,
+    UnsupportedSchedulerError,
+    scheduler_for,
+    scheduler_kind,
+)
 from stepq.methods.ptqd.state import register_codecs
 from stepq.methods.ptqd.statistics import (
     ErrorAccumulator,
@@ -36,18 +41,20 @@ from stepq.methods.ptqd.statistics import (
     measure,
     predictions,
 )
+from stepq.methods.ptqd.steps import ChooseBits, MeasureNoise, copy_model
 from stepq.recipe.specs import PTQDConfig
 
 __all__ = [
+    "ChooseBits",
     "ErrorAccumulator",
     "LayerCost",
+    "MeasureNoise",
     "MixedPrecision",
     "Normality",
     "PTQDConfig",
     "PTQDScheduler",
     "PTQDStats",
     "UnsupportedSchedulerError",
-    "apply",
     "bit_operations",
     "choose_bits",
     "copy_model",
@@ -60,7 +67,6 @@ __all__ = [
     "scheduler_kind",
     "set_bits",
     "specialize",
-    "with_config",
 ]
 
 

@@ -34,7 +34,7 @@ from stepq.calibration.qparams import low_bit_qparams, low_bit_spec
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import PreconditionError
 from stepq.compiler.graph_utils import delete_attr, fetch_attr, has_attr
-from stepq.compiler.pass_manager import Contract, Pass, PassResult, RecipeHas, StateCovers
+from stepq.compiler.pass_manager import CompileInputs, Contract, PassResult, RecipeHas, StateCovers, Step
 from stepq.compiler.program import Program
 from stepq.compiler.state import QParams
 from stepq.passes.select_bits import BITS_TABLE, bits_table, switched_quantizers, to_switch
@@ -87,7 +87,7 @@ def choose_bits(snr_q: Tensor, snr_f: Tensor, bits: Sequence[int]) -> Tensor:
     return table
 
 
-class CalibrateWidths(Pass):
+class CalibrateWidths(Step):
     """The lower widths' scale and zero point of every switched (or switchable) activation quantizer,
     from its calibration statistics, into ``prog.state.ptqd_scales`` (graph untouched).
 
@@ -105,7 +105,7 @@ class CalibrateWidths(Pass):
         idempotent=True,
     )
 
-    def __call__(self, prog: Program) -> PassResult:
+    def __call__(self, prog: Program, inputs: CompileInputs | None = None) -> PassResult:
         cfg = prog.recipe.ptqd
         if cfg is None or not cfg.mixed_bits:
             return PassResult(0)

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from stepq.compiler.errors import StepqError
 
-__all__ = ["PTQDScheduler", "UnsupportedSchedulerError", "scheduler_kind"]
+__all__ = ["PTQDScheduler", "UnsupportedSchedulerError", "scheduler_for", "scheduler_kind"]
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +212,16 @@ class PTQDScheduler:
         if not return_dict:
             return (prev, x0)
         return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+def scheduler_for(qm: Any, scheduler: Any) -> Any:
+    """``scheduler`` wrapped in ``PTQDScheduler`` with ``qm``'s statistics, when its recipe asks for the
+    variance schedule (else, and for flow matching, ``scheduler`` itself)."""
+    cfg = qm.recipe.ptqd
+    stats = qm.program.state.ptqd
+    if cfg is None or not cfg.variance or stats is None:
+        return scheduler
+    if scheduler_kind(scheduler) == "flow":
+        log.info("PTQD: flow-matching sampling is deterministic; only the output correction applies")
+        return scheduler
+    return PTQDScheduler(scheduler, stats, correlated=cfg.correlated)
