@@ -25,10 +25,10 @@ KERNEL_TABLE = Path(__file__).parents[1] / "docs" / "results" / "onnx_kernels.md
 def recorded_kernels() -> dict[tuple[str, str], dict[str, int]]:
     """The kernel counts docs/results/onnx_kernels.md recorded (benchmarks/onnx_kernels.py) before the
     compiler was reshaped: (model, recipe) -> quantized layers, integer, weight-only, float, in float."""
-    lines = [ln for ln in KERNEL_TABLE.read_text().splitlines() if ln.startswith("| ")]
+    lines = [ln for ln in KERNEL_TABLE.read_text().splitlines() if ln.startswith("|") and not ln.startswith("|-")]
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     out = {}
-    for ln in lines[2:]:
+    for ln in lines[1:]:
         row = dict(zip(head, (c.strip() for c in ln.strip("|").split("|"))))
         out[(row["model"], row["recipe"])] = {k: int(row[k]) for k in ("quantized layers", "integer", "weight-only",
                                                                       "float", "quantized in float")}
