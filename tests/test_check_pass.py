@@ -27,7 +27,7 @@ from stepq.compiler.pass_manager import (
 )
 from stepq.compiler.pipeline import build_pipeline
 from stepq.methods.ptqd import MixedPrecision, PTQDStats
-from stepq.passes import AttachTimestepTables, CorrectNoise, RefreshTables, SelectBits
+from stepq.passes import AttachTimestepTables, CorrectNoise, RefreshTables, SelectBits, SpecializeBits
 from stepq.testing import (
     NotApplicableError,
     PassCheckError,
@@ -35,6 +35,7 @@ from stepq.testing import (
     check_pipeline,
     pipeline_names,
     program_at,
+    relative_l2,
     walk_pipeline,
 )
 from stepq.testing import strategies as sqs
@@ -82,10 +83,15 @@ def _pipeline_types(recipe) -> set[type]:
     return {type(s.item) for s in build_pipeline(recipe) if not isinstance(s.item, (Skip, Step))}
 
 
+#: passes no pipeline runs (a backend runs them on its copy), each with its own check_pass test below
+CHECKED_OUTSIDE_THE_PIPELINE = {SpecializeBits}
+
+
 def test_the_family_recipes_cover_every_exported_pass():
     exported = _exported_passes()
     assert len(exported) >= 10
     covered = set().union(*(_pipeline_types(sqs.shorten(stepq.get_preset(r))) for r in FAMILY_RECIPES))
+    covered |= CHECKED_OUTSIDE_THE_PIPELINE
     missing = sorted(p.__name__ for p in exported if p not in covered)
     assert not missing, f"exported passes no family recipe runs (add a recipe or a check here): {missing}"
 
@@ -135,6 +141,26 @@ def test_correct_noise_and_select_bits_with_measured_state():
     # ... and refresh_tables writes the bits table (t < 500 now runs at 4 bits) and K, B into them
     rep = check_pass(RefreshTables(), prog, inputs)
     assert rep.result.count >= 3 and rep.error is not None and rep.error > 0
+
+
+def test_specialize_bits_keeps_the_steps_of_its_width():
+    prog, case = _converted("mixed-ptqd")
+    prog.state.ptqd_bits = MixedPrecision(bits=(4, 8), table=torch.where(torch.arange(T) < 500, 4, 8),
+                                          snr_q=torch.ones(2, T), snr_f=torch.ones(T), visited=torch.ones(T, dtype=torch.bool))
+    prog = check_pass(RefreshTables(), prog, case.inputs(2)).program  # t < 500 runs at 4 bits
+    low, high = case.inputs(3, [50, 200, 450]), case.inputs(3, [600, 800, 990])
+
+    def out(p, x):
+        y = p(**x)
+        return [y] if isinstance(y, torch.Tensor) else list(y)
+
+    for bits, same, other in ((4, low, high), (8, high, low)):
+        rep = check_pass(SpecializeBits(bits), prog, same)  # no switch left, lint, fake re-run, idempotent
+        assert rep.result.count > 0
+        assert relative_l2(out(prog, same), out(rep.program, same)) == 0.0  # the steps of its width: identical
+        assert relative_l2(out(prog, other), out(rep.program, other)) > 0.0  # the others now run at `bits`
+    with pytest.raises(PassCheckError, match="cannot specialize to 6 bits"):
+        check_pass(SpecializeBits(6), prog, low)
 
 
 def test_attach_timestep_tables_with_per_step_tables():

@@ -11,6 +11,8 @@ from stepq.passes.materialize_quantizers import MaterializeQuantizers
 from stepq.passes.quantize_weights import QuantizeWeights
 from stepq.passes.refresh_tables import RefreshTables
 from stepq.passes.select_bits import SelectBits
+from stepq.passes.specialize_bits import SpecializeBits
 
-__all__ = ["AnnotateLayers", "AttachTimestepTables", "CanonicalizeExport", "CorrectNoise", "FreezeScaleSource", "InsertQuantizers", "InsertScaleSource", "MaterializeQuantizers", "QuantizeWeights", "RefreshTables",
-           "SelectBits"]
+__all__ = ["AnnotateLayers", "AttachTimestepTables", "CanonicalizeExport", "CorrectNoise", "FreezeScaleSource",
+           "InsertQuantizers", "InsertScaleSource", "MaterializeQuantizers", "QuantizeWeights", "RefreshTables",
+           "SelectBits", "SpecializeBits"]

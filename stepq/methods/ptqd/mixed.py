@@ -33,11 +33,20 @@ from stepq.artifact.quantized_model import QuantizedModel
 from stepq.calibration.qparams import low_bit_qparams, low_bit_spec
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import PreconditionError
-from stepq.compiler.graph_utils import delete_attr, fetch_attr, has_attr
-from stepq.compiler.pass_manager import CompileInputs, Contract, PassResult, RecipeHas, StateCovers, Step
+from stepq.compiler.graph_utils import fetch_attr, has_attr
+from stepq.compiler.pass_manager import (
+    CompileInputs,
+    Contract,
+    PassResult,
+    RecipeHas,
+    StateCovers,
+    Step,
+    run_passes,
+)
 from stepq.compiler.program import Program
 from stepq.compiler.state import QParams
 from stepq.passes.select_bits import BITS_TABLE, bits_table, switched_quantizers, to_switch
+from stepq.passes.specialize_bits import SpecializeBits
 
 __all__ = ["CalibrateWidths", "LayerCost", "MixedPrecision", "bit_operations", "choose_bits", "forward_snr",
            "layer_costs", "set_bits", "specialize"]
@@ -142,35 +151,17 @@ def set_bits(qm: QuantizedModel, bits: int | Tensor) -> None:
     buf.copy_(torch.as_tensor(bits, dtype=torch.int64).expand_as(buf))
 
 
-def _where_branch(node: torch.fx.Node, bits: int) -> torch.fx.Node | None:
-    if node.target is not aten.where.self or node.meta.get(meta.PTQD_NODE) != "select_bits":
-        return None
-    cond, low, rest = node.args
-    assert isinstance(cond, torch.fx.Node) and isinstance(low, torch.fx.Node) and isinstance(rest, torch.fx.Node)
-    return low if cond.args[1] == bits else rest
-
-
 def specialize(qm: QuantizedModel, bits: int) -> QuantizedModel:
-    """A copy of ``qm`` whose switched quantizers always run at ``bits``: the bit switch is gone, the
-    other widths' branches and the bits table are removed. Each branch of the ONNX If is one of these."""
+    """A copy of ``qm`` whose switched quantizers always run at ``bits`` (``stepq.passes.specialize_bits``
+    on the copy): the bit switch, the other widths' branches and the bits table are gone. Each branch
+    of the ONNX If is one of these."""
     cfg = qm.recipe.ptqd
     if cfg is None or bits not in cfg.mixed_bits:
         raise PreconditionError(f"cannot specialize to {bits} bits; the model's widths are "
-                                f"{() if cfg is None else cfg.mixed_bits}")
+                                f"{() if cfg is None else tuple(cfg.mixed_bits)}")
     prog = qm.program.replace(gm=copy.deepcopy(qm.program.gm), state=qm.program.state.copy(),
                               history=list(qm.program.history))
-    gm = prog.gm
-    switch_attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.meta.get(meta.PTQD_NODE) == "select_bits"}
-    for node in list(gm.graph.nodes):
-        branch = _where_branch(node, bits)
-        if branch is not None:
-            node.replace_all_uses_with(branch)
-    gm.graph.eliminate_dead_code()
-    live = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in switch_attrs - live:
-        delete_attr(gm, name)
-    gm.recompile()
-    prog.history.append(f"specialize(a{bits})")
+    run_passes(prog, [SpecializeBits(bits)])
     return QuantizedModel(prog)
 
 
