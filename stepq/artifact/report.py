@@ -114,7 +114,7 @@ class Report(Step):
     """Convert's first step: the per-layer report on the kept calibration batch (count = rows)."""
 
     name = "report"
-    contract: ClassVar[Contract] = Contract(requires=(StageIs(("calibrated", "prepared")),))
+    contract: ClassVar[Contract] = Contract(requires=(StageIs(("calibrated", "prepared")),), writes=("report",))
 
     def __call__(self, prog: Program, inputs: CompileInputs) -> PassResult:
         prog.state.report = layer_reports(prog, prog.state.report_batch if inputs.report else None)

@@ -35,7 +35,7 @@ class Observe(Step):
     """Run ``inputs.calibration`` through the program; count = calibration calls seen."""
 
     name = "observe"
-    contract: ClassVar[Contract] = Contract(requires=(StageIs(("prepared",)),))
+    contract: ClassVar[Contract] = Contract(requires=(StageIs(("prepared",)),), writes=("report_batch",))
 
     def __init__(self, keep_calls: bool = False):
         self.keep_calls = keep_calls

@@ -260,6 +260,8 @@ def check_conditions(prog: Program, conditions: Iterable[Condition]) -> list[tup
 class Contract:
     """What a pass requires and produces, and the properties ``check_pass`` holds it to.
 
+    ``writes``: the program state fields it may write (besides those a ``StateHas`` /
+    ``StateCovers`` in ``produces`` names); ``check_pass`` fails a pass that writes any other.
     ``inplace``: the pass edits ``prog.gm`` (every built-in pass does). ``preserves_semantics``:
     the outputs are unchanged, within ``tolerance`` (relative L2; 0 = bit-identical).
     ``idempotent``: a second run reports no rewrite.
@@ -267,6 +269,7 @@ class Contract:
 
     requires: tuple[Condition, ...] = ()
     produces: tuple[Condition, ...] = ()
+    writes: tuple[str, ...] = ()
     preserves_semantics: bool = False
     tolerance: float = 0.0
     idempotent: bool = True

@@ -38,8 +38,8 @@ aten = torch.ops.aten
 
 class FreezeScaleSource(Pass):
     name = "freeze_scale_source"
-    contract = Contract(produces=(OpAbsent(is_scale_source, "scale source"),), preserves_semantics=False,
-                        idempotent=True)
+    contract = Contract(produces=(OpAbsent(is_scale_source, "scale source"),), writes=("timestep_tables",),
+                        preserves_semantics=False, idempotent=True)
 
     def __call__(self, prog: Program) -> PassResult:
         gm, graph = prog.gm, prog.gm.graph

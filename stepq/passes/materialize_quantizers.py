@@ -37,7 +37,8 @@ def is_observer(node: torch.fx.Node) -> bool:
 
 class MaterializeQuantizers(Pass):
     name = "materialize_quantizers"
-    contract = Contract(produces=(OpAbsent(is_observer, "observer"),), preserves_semantics=False, idempotent=True)
+    contract = Contract(produces=(OpAbsent(is_observer, "observer"),), writes=("activation_stats",),
+                        preserves_semantics=False, idempotent=True)
 
     def __call__(self, prog: Program) -> PassResult:
         gm = prog.gm

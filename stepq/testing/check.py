@@ -18,7 +18,7 @@ honest_count       a count of 0 left graph, meta, tensors and state as they were
 inplace            a pass that is not ``inplace`` left ``prog.gm`` (graph and tensors) unchanged
 untouched          the pass changed none of the program's fields but ``gm`` and ``state`` (the
                    manager appends to ``history``), and wrote only the state fields it declares
-                   (``StateHas`` in ``produces``, or ``writes_state=``); the inputs are unchanged
+                   (``Contract.writes``, ``StateHas`` in ``produces``, or ``writes_state=``); the inputs are unchanged
 finite             outputs that were finite before the pass still are
 semantics          ``preserves_semantics``: outputs within ``contract.tolerance`` of the outputs
                    before (relative L2 over all output tensors; bit-identical when 0)
@@ -44,7 +44,14 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from stepq.compiler.errors import PassError, PostconditionError, PreconditionError
-from stepq.compiler.pass_manager import Contract, PassResult, StateHas, check_conditions, run_passes
+from stepq.compiler.pass_manager import (
+    Contract,
+    PassResult,
+    StateCovers,
+    StateHas,
+    check_conditions,
+    run_passes,
+)
 from stepq.compiler.program import Program
 from stepq.compiler.state import ProgramState
 
@@ -337,7 +344,8 @@ def check_pass(pass_: Any, prog: Program, inputs: Mapping[str, Any] | Iterable[M
     else:
         skipped["inplace"] = "the contract says inplace=True"
 
-    allowed = {c.name for c in contract.produces if isinstance(c, StateHas)} | set(writes_state)
+    allowed = ({c.name for c in contract.produces if isinstance(c, (StateHas, StateCovers))}
+               | set(contract.writes) | set(writes_state))
     moved = [f for f in _FIELDS if getattr(work, f) is not before.fields[f]]
     if moved:
         raise PassCheckError(name, "untouched", f"the pass changed the program's {', '.join(moved)}")
@@ -347,7 +355,7 @@ def check_pass(pass_: Any, prog: Program, inputs: Mapping[str, Any] | Iterable[M
     undeclared = [s for s in state_changes if s not in allowed]
     if undeclared:
         raise PassCheckError(name, "untouched", f"it wrote program state {', '.join(map(repr, undeclared))}, "
-                             "which its contract does not produce (declare StateHas(...) in produces)")
+                             "which its contract does not declare (Contract(writes=...) or StateHas(...) in produces)")
     for c, g in zip(calls, given):
         if any(isinstance(v, torch.Tensor) and not _same(v, g[k]) for k, v in c.items()):
             raise PassCheckError(name, "untouched", "the pass changed the caller's input tensors")

@@ -172,7 +172,7 @@ class TrainQAT(Step):
     """LSQ quantization-aware training on ``inputs.train_data`` (count = training steps)."""
 
     name = "train_qat"
-    contract: ClassVar[Contract] = Contract(requires=(RecipeHas("qat"), StageIs(("calibrated",))))
+    contract: ClassVar[Contract] = Contract(requires=(RecipeHas("qat"), StageIs(("calibrated",))), writes=("qat_curve",))
 
     def __call__(self, prog: Program, inputs: CompileInputs) -> PassResult:
         cfg = prog.recipe.qat

@@ -178,7 +178,8 @@ class FitScaleSource(Step):
     name = "fit_scale_source"
     contract: ClassVar[Contract] = Contract(
         requires=(RecipeHas("tdq"), OpPresent(lambda n: n.op == "call_module" and n.target == SCALE_SOURCE,
-                                              "scale source (insert_scale_source)")))
+                                              "scale source (insert_scale_source)")),
+        writes=("fit_curve",))
 
     def __call__(self, prog: Program, inputs: CompileInputs) -> PassResult:
         cfg = prog.recipe.tdq
