@@ -64,7 +64,8 @@ def test_the_dump_folder_tells_the_story_of_one_compile(tmp_path, monkeypatch):
                      "006-attach_timestep_tables.txt", "007-quantize_weights.txt", "index.txt"]
     text = (tmp_path / "d" / "002-insert_quantizers.txt").read_text()
     n_fq = text.count("torch.ops.stepq.fake_quant")
-    assert text.startswith("# pass: insert_quantizers\n") and n_fq > 0
+    assert text.startswith("# pass: insert_quantizers\n# program stage: captured (running the 'prepare' phase)\n")
+    assert n_fq > 0
     rewrites = int(next(ln for ln in text.splitlines() if ln.startswith("# rewrites:")).split(":")[1])
     assert rewrites > 0
     index = (tmp_path / "d" / "index.txt").read_text()

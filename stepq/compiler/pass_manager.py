@@ -366,21 +366,19 @@ def _safe(name: str) -> str:
 
 
 def dump_graph(prog: Program, folder: str | os.PathLike[str], name: str, result: PassResult | None = None,
-               seconds: float | None = None, note: str = "") -> Path:
+               seconds: float | None = None, phase: str = "") -> Path:
     """Write the program's graph as readable text to ``folder/NNN-name.txt`` (NNN: the position of
     the pass in the program's history, so the files of one compile sort in pipeline order)."""
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"{len(prog.history):03d}-{_safe(name)}.txt"
-    lines = [f"# pass: {name}", f"# stage: {prog.stage}",
+    lines = [f"# pass: {name}", f"# program stage: {prog.stage}" + (f" (running the {phase!r} phase)" if phase else ""),
              f"# recipe: {getattr(prog.recipe, 'name', None)}"]
     if result is not None:
         lines.append(f"# rewrites: {result.count}")
         lines += [f"#   {d}" for d in result.details]
     if seconds is not None:
         lines.append(f"# seconds: {seconds:.4f}")
-    if note:
-        lines.append(f"# {note}")
     nodes = sum(1 for _ in prog.gm.graph.nodes)
     lines.append(f"# nodes: {nodes}")
     text = "\n".join(lines) + "\n\n" + prog.gm.print_readable(print_output=False, include_stride=False,
@@ -400,7 +398,7 @@ def resolve_dump(dump: str | os.PathLike[str] | None) -> Path | None:
 
 
 def run_passes(prog: Program, passes: Iterable[Any], *, inputs: CompileInputs | None = None,
-               dump: str | os.PathLike[str] | None = None, check: bool = True) -> list[PassRecord]:
+               dump: str | os.PathLike[str] | None = None, check: bool = True, phase: str = "") -> list[PassRecord]:
     """Run ``passes`` (and ``Step`` s, given ``inputs``) on ``prog`` in order (``Skip`` and ``None``
     are logged and left out).
 
@@ -446,7 +444,7 @@ def run_passes(prog: Program, passes: Iterable[Any], *, inputs: CompileInputs | 
                 raise PostconditionError(f"pass {p.name!r} must leave {cond.describe()}: {why}")
         elapsed = time.perf_counter() - start
         log.info("pass %s: %d rewrite(s) in %.3fs", p.name, result.count, elapsed)
-        path = dump_graph(prog, folder, p.name, result, elapsed) if folder is not None else None
+        path = dump_graph(prog, folder, p.name, result, elapsed, phase) if folder is not None else None
         done.append(p.name)
         prog.history.append(p.name)
         records.append(PassRecord(p.name, result, elapsed, path))

@@ -158,7 +158,7 @@ def run_phase(prog: Program, phase: str, inputs: CompileInputs | None = None, *,
         raise ValueError(f"unknown phase {phase!r}; the phases are {', '.join(PHASES)}")
     items = [s.item for s in build_pipeline(prog.recipe, passes) if s.phase == phase
              and (only is None or s.name in only)]
-    records = run_passes(prog, items, inputs=inputs, dump=dump)
+    records = run_passes(prog, items, inputs=inputs, dump=dump, phase=phase)
     folder = resolve_dump(dump)
     if folder is not None:
         _index(folder, phase, items, records)
