@@ -109,3 +109,12 @@ def test_train_refuses_a_recipe_without_qat():
     prog = stepq.calibrate(stepq.prepare(stepq.capture(m, data[0]), "w8a8"), data, progress=False)
     with pytest.raises(stepq.RecipeError, match="has no QAT section"):
         stepq.train(prog, iter([]))
+
+
+def test_an_unwritable_dump_folder_is_a_typed_error_naming_it(tmp_path):
+    m, data = _model(), calib_set(1)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the dump folder should go")
+    with pytest.raises(stepq.compiler.errors.DumpError, match="cannot write the graph dump to .*not_a_folder"):
+        stepq.prepare(stepq.capture(m, data[0]), "w8a8", dump=blocker)
+    assert blocker.read_text().startswith("a file")  # nothing of the user's overwritten

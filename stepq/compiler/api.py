@@ -194,7 +194,7 @@ def ptqd_with_config(qm: QuantizedModel, config: PTQDConfig) -> QuantizedModel:
     if old is not None and tuple(old.mixed_bits) != tuple(config.mixed_bits):
         raise PreconditionError("with_config cannot change mixed_bits: the statistics were measured on the other "
                                 "bit schedule")
-    out = QuantizedModel(prog.replace(gm=copy.deepcopy(prog.gm), state=prog.state.copy(), history=list(prog.history)))
+    out = QuantizedModel(_copy_program(prog))
     out.program.recipe = prog.recipe.replace(ptqd=config)
     run_phase(out.program, "ptqd", only=frozenset({"refresh_tables"}))
     return out

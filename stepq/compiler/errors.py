@@ -10,6 +10,7 @@ __all__ = [
     "ArtifactError",
     "CalibrationError",
     "CaptureError",
+    "DumpError",
     "InputSignatureError",
     "InvariantError",
     "PassError",
@@ -47,6 +48,10 @@ class TimestepRangeError(StepqError, ValueError):
 
 class ArtifactError(StepqError):
     """A saved artefact is missing, corrupt, or of an unknown version."""
+
+
+class DumpError(StepqError, OSError):
+    """The graph dump folder (``dump=`` / ``$STEPQ_DUMP_DIR``) cannot be written; names the path."""
 
 
 class InvariantError(StepqError):

@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 import torch.fx
 
 from stepq.compiler import meta
-from stepq.compiler.errors import PassError, PostconditionError, PreconditionError, StepqError
+from stepq.compiler.errors import DumpError, PassError, PostconditionError, PreconditionError, StepqError
 from stepq.compiler.program import Program
 
 __all__ = [
@@ -370,7 +370,10 @@ def dump_graph(prog: Program, folder: str | os.PathLike[str], name: str, result:
     """Write the program's graph as readable text to ``folder/NNN-name.txt`` (NNN: the position of
     the pass in the program's history, so the files of one compile sort in pipeline order)."""
     root = Path(folder)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DumpError(f"cannot write the graph dump to {root}: {e}") from None
     path = root / f"{len(prog.history):03d}-{_safe(name)}.txt"
     lines = [f"# pass: {name}", f"# program stage: {prog.stage}" + (f" (running the {phase!r} phase)" if phase else ""),
              f"# recipe: {getattr(prog.recipe, 'name', None)}"]
@@ -384,8 +387,12 @@ def dump_graph(prog: Program, folder: str | os.PathLike[str], name: str, result:
     text = "\n".join(lines) + "\n\n" + prog.gm.print_readable(print_output=False, include_stride=False,
                                                                 include_device=False)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DumpError(f"cannot write the graph dump {path}: {e}") from None
     return path
 
 
