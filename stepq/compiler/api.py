@@ -7,7 +7,6 @@ receives the graph after every pass as text; ``$STEPQ_DUMP_DIR`` when not given)
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -40,10 +39,6 @@ def resolve_recipe(recipe: str | Recipe | Mapping[str, Any]) -> Recipe:
     raise RecipeError(f"recipe must be a preset name, a Recipe or a dict, got {type(recipe).__name__}")
 
 
-def _copy_program(prog: Program) -> Program:
-    return prog.replace(gm=copy.deepcopy(prog.gm), history=list(prog.history), state=prog.state.copy())
-
-
 def _require(prog: Program, stages: Sequence[str], action: str) -> None:
     if not isinstance(prog, Program):
         raise PreconditionError(f"{action} takes a Program (from stepq.capture), got {type(prog).__name__}")
@@ -57,7 +52,7 @@ def prepare(prog: Program, recipe: str | Recipe | Mapping[str, Any], *, inplace:
     _require(prog, ("captured",), "prepare")
     recipe = resolve_recipe(recipe)
     if not inplace:
-        prog = _copy_program(prog)
+        prog = prog.copy()
     prog.recipe = recipe
     run_phase(prog, "prepare", passes=passes, dump=dump)
     prog.advance("prepared")
@@ -100,7 +95,7 @@ def convert(prog: Program, *, inplace: bool = False, report: bool = True, passes
     if prog.stage == "prepared" and observer_nodes(prog.gm):
         raise PreconditionError("convert: the program has observers that saw no data; run stepq.calibrate first")
     if not inplace:
-        prog = _copy_program(prog)
+        prog = prog.copy()
     run_phase(prog, "convert", CompileInputs(report=report), passes=passes, dump=dump)
     prog.state.report_batch = None
     prog.advance("converted")
@@ -194,7 +189,7 @@ def ptqd_with_config(qm: QuantizedModel, config: PTQDConfig) -> QuantizedModel:
     if old is not None and tuple(old.mixed_bits) != tuple(config.mixed_bits):
         raise PreconditionError("with_config cannot change mixed_bits: the statistics were measured on the other "
                                 "bit schedule")
-    out = QuantizedModel(_copy_program(prog))
+    out = QuantizedModel(prog.copy())
     out.program.recipe = prog.recipe.replace(ptqd=config)
     run_phase(out.program, "ptqd", only=frozenset({"refresh_tables"}))
     return out

@@ -7,6 +7,7 @@ and the compiled model accept the same arguments, positionally or by name, as th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
@@ -215,6 +216,11 @@ class Program:
 
     def replace(self, **changes: Any) -> Program:
         return dataclasses.replace(self, **changes)
+
+    def copy(self) -> Program:
+        """An independent copy: its own graph module (parameters and buffers), history and state
+        containers (the statistics objects inside the state are shared, read-only)."""
+        return self.replace(gm=copy.deepcopy(self.gm), history=list(self.history), state=self.state.copy())
 
     def advance(self, stage: str) -> None:
         if STAGES.index(stage) < STAGES.index(self.stage):

@@ -20,7 +20,6 @@ table is chosen (``stepq.calibration.qparams.low_bit_qparams``).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -159,8 +158,7 @@ def specialize(qm: QuantizedModel, bits: int) -> QuantizedModel:
     if cfg is None or bits not in cfg.mixed_bits:
         raise PreconditionError(f"cannot specialize to {bits} bits; the model's widths are "
                                 f"{() if cfg is None else tuple(cfg.mixed_bits)}")
-    prog = qm.program.replace(gm=copy.deepcopy(qm.program.gm), state=qm.program.state.copy(),
-                              history=list(qm.program.history))
+    prog = qm.program.copy()
     run_passes(prog, [SpecializeBits(bits)])
     return QuantizedModel(prog)
 

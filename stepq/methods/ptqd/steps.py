@@ -12,7 +12,6 @@ model's predictions on it, computed once per compile and shared through ``Compil
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any, ClassVar
 
@@ -42,7 +41,7 @@ log = logging.getLogger(__name__)
 def copy_model(qm: QuantizedModel) -> QuantizedModel:
     """An independent copy of a compiled model (graph, buffers and state)."""
     prog = qm.program
-    return QuantizedModel(prog.replace(gm=copy.deepcopy(prog.gm), state=prog.state.copy(), history=list(prog.history)))
+    return QuantizedModel(prog.copy())
 
 
 def _channels(prog: Program) -> int | None:
