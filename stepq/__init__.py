@@ -13,6 +13,7 @@ import logging as _logging
 
 from stepq import ptqd
 from stepq.artifact.quantized_model import QuantizedModel, load
+from stepq.calibration.collect import Sampling
 from stepq.compiler import ops as _ops  # noqa: F401  - registers the stepq:: ops
 from stepq.compiler.api import calibrate, convert, prepare, quantize, train
 from stepq.compiler.capture import capture
@@ -39,6 +40,7 @@ from stepq.recipe.specs import (
     PerGroup,
     PerTensor,
     PTQDConfig,
+    QALoRAConfig,
     QuantSpec,
     Recipe,
 )
@@ -62,10 +64,12 @@ __all__ = [
     "PerTensor",
     "PercentileObserver",
     "Program",
+    "QALoRAConfig",
     "QuantSpec",
     "QuantizedModel",
     "Recipe",
     "RecipeError",
+    "Sampling",
     "StepqError",
     "TimestepRangeError",
     "build_pipeline",

@@ -48,9 +48,9 @@ def test_a_user_pass_runs_at_its_point_and_changes_the_result():
 def test_at_errors_name_the_stages():
     with pytest.raises(stepq.RecipeError, match="exactly one of after= or before="):
         stepq.At(KeepFirstLinearFloat(), after="observe", before="report")
-    with pytest.raises(stepq.RecipeError, match=r"no stage 'fold_lora' in the pipeline; the stages are "
-                                                r"canonicalize_export, annotate_layers, insert_quantizers"):
-        stepq.build_pipeline(stepq.get_preset("w8a8"), [stepq.At(KeepFirstLinearFloat(), after="fold_lora")])
+    with pytest.raises(stepq.RecipeError, match=r"no stage 'pack_ternary' in the pipeline; the stages are "
+                                                r"canonicalize_export, fold_user_lora, annotate_layers, insert_quantizers"):
+        stepq.build_pipeline(stepq.get_preset("w8a8"), [stepq.At(KeepFirstLinearFloat(), after="pack_ternary")])
     with pytest.raises(stepq.RecipeError, match="not a pass"):
         stepq.At(object(), after="observe")
 
@@ -59,10 +59,10 @@ def test_the_dump_folder_tells_the_story_of_one_compile(tmp_path, monkeypatch):
     m, data = _model(), calib_set(2)
     stepq.quantize(m, data[0], "w4a8", calibration=data, progress=False, dump=tmp_path / "d")
     files = sorted(p.name for p in (tmp_path / "d").iterdir())
-    assert files == ["000-canonicalize_export.txt", "001-annotate_layers.txt", "002-insert_quantizers.txt",
-                     "003-observe.txt", "004-materialize_quantizers.txt", "005-report.txt",
-                     "006-attach_timestep_tables.txt", "007-quantize_weights.txt", "index.txt"]
-    text = (tmp_path / "d" / "002-insert_quantizers.txt").read_text()
+    assert files == ["000-canonicalize_export.txt", "001-fold_user_lora.txt", "002-annotate_layers.txt",
+                     "003-insert_quantizers.txt", "004-observe.txt", "005-materialize_quantizers.txt", "006-report.txt",
+                     "007-attach_timestep_tables.txt", "008-quantize_weights.txt", "index.txt"]
+    text = (tmp_path / "d" / "003-insert_quantizers.txt").read_text()
     n_fq = text.count("torch.ops.stepq.fake_quant")
     assert text.startswith("# pass: insert_quantizers\n# program stage: captured (running the 'prepare' phase)\n")
     assert n_fq > 0
@@ -73,8 +73,8 @@ def test_the_dump_folder_tells_the_story_of_one_compile(tmp_path, monkeypatch):
     # the environment variable names the folder when no dump= is given
     monkeypatch.setenv(DUMP_ENV, str(tmp_path / "env"))
     stepq.prepare(stepq.capture(m, data[0]), "w8a8")
-    assert sorted(p.name for p in (tmp_path / "env").iterdir())[:3] == [
-        "000-canonicalize_export.txt", "001-annotate_layers.txt", "002-insert_quantizers.txt"]
+    assert sorted(p.name for p in (tmp_path / "env").iterdir())[:4] == [
+        "000-canonicalize_export.txt", "001-fold_user_lora.txt", "002-annotate_layers.txt", "003-insert_quantizers.txt"]
 
 
 def test_the_manager_checks_requires_and_produces_naming_the_pass():
@@ -107,7 +107,7 @@ def test_the_manager_checks_requires_and_produces_naming_the_pass():
 def test_train_refuses_a_recipe_without_qat():
     m, data = _model(), calib_set(1)
     prog = stepq.calibrate(stepq.prepare(stepq.capture(m, data[0]), "w8a8"), data, progress=False)
-    with pytest.raises(stepq.RecipeError, match="has no QAT section"):
+    with pytest.raises(stepq.RecipeError, match="has no QAT or QALoRA section"):
         stepq.train(prog, iter([]))
 
 

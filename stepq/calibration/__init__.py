@@ -7,6 +7,6 @@
 * ``probe``: the program run with its quantizers bypassed, per-layer outputs, SQNR.
 """
 
-from stepq.calibration.collect import CalibrationData, collect
+from stepq.calibration.collect import CalibrationData, Sampling, collect
 
-__all__ = ["CalibrationData", "collect"]
+__all__ = ["CalibrationData", "Sampling", "collect"]

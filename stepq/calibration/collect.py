@@ -22,20 +22,45 @@ from tqdm.auto import tqdm
 from stepq.calibration.samplers import MakeInputs, default_make_inputs, make_denoiser, sample
 from stepq.compiler.errors import CalibrationError
 
-__all__ = ["CalibrationData", "collect"]
+__all__ = ["CalibrationData", "Sampling", "collect"]
 
 
 def _detach(v: Any) -> Any:
     return v.detach().clone() if isinstance(v, Tensor) else v
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How FP trajectories are drawn: what ``collect`` ran, and what EfficientDM's distillation runs
+    again (the teacher's own trajectories). The fields are ``collect``'s arguments."""
+
+    scheduler: Any
+    num_inference_steps: int
+    sample_shape: tuple[int, ...]
+    make_inputs: MakeInputs | None = None
+    conditions: Callable[[int, torch.Generator], Mapping[str, Any]] | None = None
+    uncond: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+    guidance_scale: float = 1.0
+    eta: float | None = None
+    channels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps <= 0:
+            raise CalibrationError(f"Sampling.num_inference_steps must be positive, got {self.num_inference_steps}")
+        if not hasattr(self.scheduler, "set_timesteps") or not hasattr(self.scheduler, "step"):
+            raise CalibrationError(f"Sampling.scheduler must be a diffusers scheduler, got {type(self.scheduler).__name__}")
+        object.__setattr__(self, "sample_shape", tuple(int(d) for d in self.sample_shape))
+
+
 @dataclass
 class CalibrationData:
-    """Recorded denoiser inputs: one dict per model call, with the timestep of each call."""
+    """Recorded denoiser inputs: one dict per model call, with the timestep of each call, and the
+    ``Sampling`` that drew them (None for data recorded some other way)."""
 
     items: list[dict[str, Any]] = field(default_factory=list)
     timesteps: list[float] = field(default_factory=list)
     timestep_arg: str = "timestep"
+    sampling: Sampling | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.items)
@@ -51,11 +76,13 @@ class CalibrationData:
         if n >= len(self.items):
             return self
         idx = sorted(random.Random(seed).sample(range(len(self.items)), n))
-        return CalibrationData([self.items[i] for i in idx], [self.timesteps[i] for i in idx], self.timestep_arg)
+        return CalibrationData([self.items[i] for i in idx], [self.timesteps[i] for i in idx], self.timestep_arg,
+                               self.sampling)
 
     def at_timesteps(self, keep: Callable[[float], bool]) -> CalibrationData:
         idx = [i for i, t in enumerate(self.timesteps) if keep(t)]
-        return CalibrationData([self.items[i] for i in idx], [self.timesteps[i] for i in idx], self.timestep_arg)
+        return CalibrationData([self.items[i] for i in idx], [self.timesteps[i] for i in idx], self.timestep_arg,
+                               self.sampling)
 
     @property
     def num_samples(self) -> int:
@@ -115,7 +142,8 @@ def collect(
     shape = tuple(sample_shape) if sample_shape is not None else _infer_shape(model)
     make = make_inputs or default_make_inputs(model)
     bs = batch_size or num_samples
-    data = CalibrationData()
+    data = CalibrationData(sampling=Sampling(scheduler, num_inference_steps, shape, make_inputs, conditions, uncond,
+                                             guidance_scale, eta, channels))
     gen = torch.Generator().manual_seed(seed)
     n_batches = math.ceil(num_samples / bs)
     bar = tqdm(total=n_batches * num_inference_steps, desc="collect", disable=not progress, leave=False)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from stepq.artifact.quantized_model import QuantizedModel
+from stepq.calibration.collect import Sampling
 from stepq.calibration.observers import observer_nodes
 from stepq.compiler.capture import capture
 from stepq.compiler.errors import CalibrationError, PreconditionError, RecipeError
@@ -76,15 +77,28 @@ def calibrate(prog: Program, data: Iterable[Any], *, max_batches: int | None = N
     return prog
 
 
-def train(prog: Program, train_data: Iterator[tuple[Mapping[str, Any], torch.Tensor]], *, progress: bool = True,
+def train(prog: Program, train_data: Iterator[tuple[Mapping[str, Any], torch.Tensor]] | None = None, *,
+          fp_model: Any = None, sampling: Sampling | None = None, progress: bool = True,
           passes: Sequence[At] = (), dump: str | os.PathLike[str] | None = None) -> Program:
-    """Quantization-aware training of a calibrated program whose recipe has a ``qat`` section (in
-    place): ``train_data`` is an endless iterator of (inputs, target ε), e.g.
-    ``stepq.methods.qat.denoising_batches(x0, scheduler, make_inputs, batch_size=...)``."""
+    """Train a calibrated program (in place), as its recipe says.
+
+    ``recipe.qat`` (LSQ QAT): ``train_data`` is an endless iterator of (inputs, target ε), e.g.
+    ``stepq.methods.qat.denoising_batches(x0, scheduler, make_inputs, batch_size=...)``.
+    ``recipe.qalora`` (EfficientDM): data-free distillation from ``fp_model`` (the teacher, not
+    modified) along its own trajectories, drawn as ``sampling`` says (``stepq.Sampling``; what
+    ``stepq.calibration.collect`` ran is in its result's ``.sampling``)."""
     _require(prog, ("calibrated",), "train")
-    if prog.recipe.qat is None:
-        raise RecipeError(f"recipe {prog.recipe.name!r} has no QAT section; nothing to train")
-    run_phase(prog, "train", CompileInputs(train_data=train_data, progress=progress), passes=passes, dump=dump)
+    r = prog.recipe
+    if r.qat is None and r.qalora is None:
+        raise RecipeError(f"recipe {r.name!r} has no QAT or QALoRA section; nothing to train")
+    if r.qat is not None and train_data is None:
+        raise RecipeError(f"recipe {r.name!r} trains (QAT); pass train_data=denoising_batches(...)")
+    if r.qalora is not None and (fp_model is None or sampling is None):
+        raise RecipeError(f"recipe {r.name!r} distills QALoRA adapters from the FP model along its trajectories; "
+                          "pass fp_model= (the floating-point model) and sampling= (stepq.Sampling, or the "
+                          "calibration data's .sampling when it came from stepq.calibration.collect)")
+    inputs = CompileInputs(train_data=train_data, fp_model=fp_model, sampling=sampling, progress=progress)
+    run_phase(prog, "train", inputs, passes=passes, dump=dump)
     return prog
 
 
@@ -115,6 +129,7 @@ def quantize(
     train_data: Iterator[tuple[Mapping[str, Any], torch.Tensor]] | None = None,
     ptqd_data: Iterable[Any] | None = None,
     ptqd_scheduler: Any = None,
+    sampling: Sampling | None = None,
     progress: bool = True,
     passes: Sequence[At] = (),
     dump: str | os.PathLike[str] | None = None,
@@ -126,12 +141,20 @@ def quantize(
     e.g. ``stepq.methods.qat.denoising_batches(x0, scheduler, make_inputs, batch_size=...)``.
     PTQD recipes (``recipe.ptqd``) measure their statistics against ``model`` on ``ptqd_data``
     (default: the calibration data, which must then be re-iterable); ``ptqd_scheduler`` gives SNR^F
-    for mixed precision (default: DDPM's linear schedule). ``passes`` puts a user's passes into the
+    for mixed precision (default: DDPM's linear schedule). QALoRA recipes (``recipe.qalora``,
+    EfficientDM) distill from ``model`` along trajectories drawn as ``sampling`` says (default: the
+    sampling that recorded ``calibration``, when it came from ``stepq.calibration.collect``). ``passes`` puts a user's passes into the
     pipeline (``stepq.At``); ``dump`` writes the graph after every pass, file by file.
     """
     recipe = resolve_recipe(recipe)
     if recipe.qat is not None and train_data is None:
         raise RecipeError(f"recipe {recipe.name!r} trains (QAT); pass train_data=denoising_batches(...)")
+    if recipe.qalora is not None:
+        sampling = sampling if sampling is not None else getattr(calibration, "sampling", None)
+        if sampling is None:
+            raise RecipeError(f"recipe {recipe.name!r} distills along the FP model's own trajectories: pass "
+                              "calibration=stepq.calibration.collect(...) (it records its sampling) or sampling="
+                              "stepq.Sampling(scheduler, num_inference_steps, sample_shape, ...)")
     prog = capture(model, example_inputs, timestep_arg=timestep_arg, sample_arg=sample_arg,
                    dynamic_batch=dynamic_batch, timestep_scale=timestep_scale)
     prog = prepare(prog, recipe, inplace=True, passes=passes, dump=dump)
@@ -141,8 +164,8 @@ def quantize(
                                    "(calibration=stepq.calibration.collect(...) or a list of input dicts)")
         calibration = [example_inputs]
     calibrate(prog, calibration, progress=progress, passes=passes, dump=dump)
-    if recipe.qat is not None:
-        train(prog, train_data, progress=progress, passes=passes, dump=dump)  # type: ignore[arg-type]
+    if recipe.qat is not None or recipe.qalora is not None:
+        train(prog, train_data, fp_model=model, sampling=sampling, progress=progress, passes=passes, dump=dump)
     qm = convert(prog, inplace=True, passes=passes, dump=dump)
     if recipe.ptqd is not None:
         apply_ptqd(qm, model, ptqd_data if ptqd_data is not None else calibration, scheduler=ptqd_scheduler,

@@ -296,7 +296,8 @@ class CompileInputs:
     ``calibration``: denoiser input dicts (or argument tuples) along FP trajectories;
     ``train_data``: (inputs, ε) batches for QAT; ``fp_model``: the floating-point model (PTQD's
     reference); ``ptqd_data``: inputs for PTQD's statistics (default: ``calibration``);
-    ``ptqd_scheduler``: the scheduler whose ᾱ_t gives SNR^F. Steps may keep what later steps of the
+    ``ptqd_scheduler``: the scheduler whose ᾱ_t gives SNR^F; ``sampling``: the FP trajectories
+    EfficientDM distills along (a ``stepq.calibration.Sampling``). Steps may keep what later steps of the
     same compile read (``kept``: the bound calibration calls the TDQ fit replays; ``scratch``: a
     method's shared intermediates, e.g. PTQD's FP predictions).
     """
@@ -307,6 +308,7 @@ class CompileInputs:
     fp_model: Any = None
     ptqd_data: Any = None
     ptqd_scheduler: Any = None
+    sampling: Any = None
     report: bool = True
     progress: bool = True
     kept: list[dict[str, Any]] = field(default_factory=list)

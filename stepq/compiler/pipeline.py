@@ -7,8 +7,7 @@
 recipe leaves it out. ``stepq.prepare`` / ``calibrate`` / ``train`` / ``convert`` and
 ``stepq.ptqd.apply`` each run the stages of their phase (``run_phase``); nothing else lists passes.
 A user's pass goes in at a named point with ``At`` (``passes=[At(MyPass(), after="insert_quantizers")]``
-on any of those calls, docs/PASSES.md). EfficientDM's LoRA fold and TerDiT's RMSNorm insertion will
-be two more lines here.
+on any of those calls, docs/PASSES.md).
 
 This module and ``stepq.compiler.api`` are the drivers: the only compiler modules that import
 passes, methods and the artefact (tests/test_layering.py).
@@ -26,6 +25,7 @@ from stepq.calibration.observe import Observe
 from stepq.compiler.errors import RecipeError
 from stepq.compiler.pass_manager import CompileInputs, Pass, PassRecord, Skip, Step, resolve_dump, run_passes
 from stepq.compiler.program import Program
+from stepq.methods.efficientdm import DistillQALoRA, LoRADelta, make_temporal_steps
 from stepq.methods.ptqd.mixed import CalibrateWidths
 from stepq.methods.ptqd.steps import ChooseBits, MeasureNoise
 from stepq.methods.qat import TrainQAT
@@ -36,7 +36,10 @@ from stepq.passes import (
     AttachTimestepTables,
     CanonicalizeExport,
     CorrectNoise,
+    FoldLoRA,
+    FoldUserLoRA,
     FreezeScaleSource,
+    InsertLoRA,
     InsertQuantizers,
     InsertScaleSource,
     MaterializeQuantizers,
@@ -91,14 +94,18 @@ def build_pipeline(recipe: Recipe | str, passes: Sequence[At] = ()) -> list[Stag
     """Every stage for ``recipe`` (a Recipe or a preset name), in order, with the user's passes spliced in."""
     if isinstance(recipe, str):
         recipe = get_preset(recipe)
-    tdq, qat, ptqd = recipe.tdq, recipe.qat, recipe.ptqd
+    tdq, qat, ptqd, qalora = recipe.tdq, recipe.qat, recipe.ptqd, recipe.qalora
+    talsq = qalora is not None and qalora.talsq
     mixed = ptqd is not None and bool(ptqd.mixed_bits)
     fit = tdq is not None and qat is None and tdq.fit_steps > 0
     no_tdq, no_ptqd = "the recipe has no TDQ section", "the recipe has no PTQD section"
     no_mixed = "the recipe has no PTQD mixed precision"
+    no_qalora = "the recipe has no QALoRA section"
     stages = [
         # prepare: canonical form, policy (the recipe annotates every quantizable op), mechanism
         Stage("prepare", CanonicalizeExport()),
+        # a user's LoRA (PEFT, diffusers load_lora_weights) folded into the base weights before anything quantizes
+        Stage("prepare", FoldUserLoRA()),
         Stage("prepare", AnnotateLayers(recipe)),
         Stage("prepare", InsertQuantizers() if recipe.quantizes_anything
               else Skip("insert_quantizers", "the recipe keeps every layer in floating point")),
@@ -106,15 +113,22 @@ def build_pipeline(recipe: Recipe | str, passes: Sequence[At] = ()) -> list[Stag
         Stage("calibrate", Observe(keep_calls=fit)),
         Stage("calibrate", MaterializeQuantizers()),
         # TDQ: step sizes from a scale source of t (generators, or a free per-step table), fitted in PTQ
-        Stage("calibrate", InsertScaleSource(make_scale_source) if tdq is not None else Skip("insert_scale_source", no_tdq)),
+        # EfficientDM's TALSQ: a free step and zero point per timestep, learned in the distillation
+        Stage("calibrate", InsertScaleSource(make_scale_source) if tdq is not None
+              else InsertScaleSource(make_temporal_steps) if talsq
+              else Skip("insert_scale_source", no_tdq if qalora is None else "QALoRAConfig.talsq is False")),
         Stage("calibrate", FitScaleSource() if fit else Skip(
             "fit_scale_source", no_tdq if tdq is None else "the recipe trains (QAT)" if qat is not None
             else "TDQConfig.fit_steps is 0")),
-        # train: LSQ quantization-aware training on the denoising loss
+        # EfficientDM: a LoRA adapter per selected layer, trained through its weight quantizer
+        Stage("calibrate", InsertLoRA(LoRADelta) if qalora is not None else Skip("insert_lora", no_qalora)),
+        # train: LSQ quantization-aware training on the denoising loss, or EfficientDM's distillation
         Stage("train", TrainQAT() if qat is not None else Skip("train_qat", "the recipe has no QAT section")),
-        # convert: the per-layer report, then frozen tables and integer weights
+        Stage("train", DistillQALoRA() if qalora is not None else Skip("distill_qalora", no_qalora)),
+        # convert: the adapters merged into the weights, the per-layer report, frozen tables, integer weights
+        Stage("convert", FoldLoRA() if qalora is not None else Skip("fold_lora", no_qalora)),
         Stage("convert", Report()),
-        Stage("convert", FreezeScaleSource() if tdq is not None else Skip("freeze_scale_source", no_tdq)),
+        Stage("convert", FreezeScaleSource() if tdq is not None or talsq else Skip("freeze_scale_source", no_tdq)),
         Stage("convert", AttachTimestepTables()),
         # PTQD: the bit switch (a branch per activation width, picked by a bits table gathered by t) and
         # the correction (ε̂ − b_t)/(1 + k_t), both the identity until the ptqd phase fills their tables

@@ -12,6 +12,7 @@ a loaded model whose state was written under another version is refused, not gue
 | report | [LayerReport] | convert | QuantizedModel.report, the artefact |
 | fit_curve | [float] | the TDQ fit | benchmarks, tests |
 | qat_curve | [float] | LSQ QAT | benchmarks, tests |
+| distill_curve | [float] | EfficientDM's distillation | benchmarks, tests |
 | ptqd | PTQDStats | PTQD statistics | correct_noise, refresh_tables, PTQDScheduler |
 | ptqd_bits | MixedPrecision | PTQD mixed precision | calibrate_widths, select_bits, refresh_tables, the ONNX backend |
 | ptqd_scales | {quantizer: {bits: QParams}} | calibrate_widths (PTQD mixed precision) | select_bits, refresh_tables |
@@ -79,6 +80,7 @@ class ProgramState:
     report: list[LayerReport] = field(default_factory=list)
     fit_curve: list[float] | None = None
     qat_curve: list[float] | None = None
+    distill_curve: list[float] | None = None
     ptqd: PTQDStats | None = None
     ptqd_bits: MixedPrecision | None = None
     ptqd_scales: dict[str, dict[int, QParams]] = field(default_factory=dict)

@@ -35,8 +35,15 @@ from stepq.compiler.ops import timestep_index
 if TYPE_CHECKING:
     from stepq.compiler.program import Program
 
-__all__ = ["TimestepGather", "gather_timestep_table", "gathers_per_sample", "match_timestep_gather",
-           "timestep_index", "timestep_index_node"]
+__all__ = [
+    "TimestepGather",
+    "gather_timestep_table",
+    "gathers_per_sample",
+    "interpolate_unvisited",
+    "match_timestep_gather",
+    "timestep_index",
+    "timestep_index_node",
+]
 
 aten = torch.ops.aten
 
@@ -163,3 +170,22 @@ def match_timestep_gather(node: object) -> TimestepGather | None:
         if isinstance(idx, torch.fx.Node) and idx.target is ops.TIMESTEP_INDEX:
             return TimestepGather(node, table, idx, False, view)
     return None
+
+
+@torch.no_grad()
+def interpolate_unvisited(values: torch.Tensor, visited: torch.Tensor) -> torch.Tensor:
+    """[L, T] per-timestep values with the timesteps never ``visited`` ([T] bool) filled by linear
+    interpolation between the visited neighbours (held at the ends); visited entries unchanged.
+    With nothing visited the values are returned as they are."""
+    seen = torch.nonzero(visited).reshape(-1)
+    if seen.numel() == 0:
+        return values.clone()
+    if seen.numel() == 1:
+        return values[:, seen].expand_as(values).clone()
+    t = torch.arange(values.shape[1], dtype=torch.float32)
+    pos = torch.searchsorted(seen.float(), t).clamp(1, seen.numel() - 1)
+    lo, hi = seen[pos - 1], seen[pos]
+    w = ((t - lo.float()) / (hi - lo).float()).clamp(0, 1)
+    out = values[:, lo] * (1 - w) + values[:, hi] * w
+    out[:, seen] = values[:, seen]
+    return out

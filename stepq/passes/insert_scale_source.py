@@ -7,9 +7,16 @@
     fake_quant(x, S[l][0], z, qmin, qmax)                    otherwise
 
 The source is made by the factory the pass is constructed with, ``make_source(recipe, names,
-static) -> nn.Module`` (``stepq.methods.tdq.sources.make_scale_source``: TDQ generators or a free
-table), called with the quantizer names and their static steps; it maps the index [B] to [L, B] and
-starts at the static steps, so until the source is trained the rewrite changes the steps by rounding
+static, zero_points) -> nn.Module`` (``stepq.methods.tdq.sources.make_scale_source``: TDQ generators
+or a free table; ``stepq.methods.efficientdm.talsq.make_temporal_steps``: EfficientDM's TALSQ),
+called with the quantizer names and their static steps and zero points; it maps the index [B] to
+[L, B]. A source with a ``zero_point_source`` submodule (TALSQ) also gives the zero points,
+
+    Z = call_module[activation_scale_source.zero_point_source](i)   [L, B]
+    fake_quant(x, S[l], Z[l], qmin, qmax, axis=0)
+
+otherwise the zero points stay static. A source
+starts at the static steps (and zero points), so until the source is trained the rewrite changes the steps by rounding
 only (softplus∘softplus⁻¹, ~1 ulp; a value on a rounding boundary can move one level, which is why
 the contract does not claim semantics); zero points stay static. The static scale buffers are
 kept (``freeze_scale_source`` falls back to them). This is the trainable form used by PTQ fitting
@@ -20,7 +27,7 @@ consumed by the source itself (it is evaluated at i for the whole batch, so grad
 S[l] / S[l][0] select a quantizer's row and a sample of that output, not a table row. The per-sample
 decision is the same one (``gathers_per_sample``).
 
-Requires: a recipe with a ``tdq`` section; no observer left. Guarantees: no activation quantizer
+Requires: a recipe with a ``tdq`` section or a ``qalora`` section with TALSQ; no observer left. Guarantees: no activation quantizer
 reads a static step (every one reads the source); a second run rewrites nothing.
 """
 
@@ -33,21 +40,40 @@ import torch.fx
 
 from stepq.compiler import meta, ops
 from stepq.compiler.graph_utils import arg_node, fetch_attr, has_attr
-from stepq.compiler.pass_manager import Contract, OpAbsent, Pass, PassResult, RecipeHas
+from stepq.compiler.pass_manager import Condition, Contract, OpAbsent, Pass, PassResult
 from stepq.compiler.program import Program
 from stepq.compiler.timesteps import gathers_per_sample, timestep_index_node
 from stepq.passes.materialize_quantizers import is_observer
 from stepq.recipe.specs import Recipe
 
-__all__ = ["SCALE_SOURCE", "InsertScaleSource", "ScaleSourceFactory", "is_scale_source", "scale_source_node"]
+__all__ = ["SCALE_SOURCE", "ZERO_POINT_SOURCE", "InsertScaleSource", "RecipeHasTimestepSteps", "ScaleSourceFactory", "is_scale_source", "scale_source_node"]
 
 aten = torch.ops.aten
 
 #: the GraphModule attribute the scale source lives under.
 SCALE_SOURCE = "activation_scale_source"
 
-#: ``make_source(recipe, names, static_scales [L]) -> module`` mapping timestep indices [B] to [L, B].
-ScaleSourceFactory = Callable[[Recipe, list[str], torch.Tensor], torch.nn.Module]
+#: ``make_source(recipe, names, static_scales [L], static_zero_points [L]) -> module`` mapping timestep
+#: indices [B] to [L, B].
+ScaleSourceFactory = Callable[[Recipe, list[str], torch.Tensor, torch.Tensor], torch.nn.Module]
+
+#: the submodule of a source that also gives the zero points (TALSQ)
+ZERO_POINT_SOURCE = "zero_point_source"
+
+
+class RecipeHasTimestepSteps(Condition):
+    """The recipe learns activation steps per timestep: a ``tdq`` section, or ``qalora`` with TALSQ."""
+
+    def violation(self, prog: Program) -> str | None:
+        r = prog.recipe
+        if r is None:
+            return "the program has no recipe"
+        if r.tdq is not None or (r.qalora is not None and r.qalora.talsq):
+            return None
+        return f"recipe {r.name!r} has no 'tdq' section and no 'qalora' section with talsq"
+
+    def describe(self) -> str:
+        return "a recipe with a 'tdq' section or a 'qalora' section with talsq"
 
 
 def is_scale_source(node: torch.fx.Node) -> bool:
@@ -66,7 +92,7 @@ def _static_activation_quantizer(node: torch.fx.Node) -> bool:
 class InsertScaleSource(Pass):
     name = "insert_scale_source"
     contract = Contract(
-        requires=(RecipeHas("tdq"), OpAbsent(is_observer, "observer")),
+        requires=(RecipeHasTimestepSteps(), OpAbsent(is_observer, "observer")),
         produces=(OpAbsent(_static_activation_quantizer, "activation quantizer with a static step"),),
         # the source reproduces each static step to ~1 ulp, but a value on a rounding boundary can then move one
         # level (rel. L2 up to 4e-3 measured on random models, more at 4 bits): no tolerance is claimed
@@ -89,21 +115,36 @@ class InsertScaleSource(Pass):
             return PassResult(0)
         names = [n.meta[meta.ACT_QUANTIZER] for n in fqs]
         static = torch.stack([fetch_attr(gm, arg_node(n, 1).target).detach().reshape(()) for n in fqs]).float()
-        gm.add_submodule(SCALE_SOURCE, self.make_source(prog.recipe, names, static))
+        zeros = torch.stack([fetch_attr(gm, arg_node(n, 2).target).detach().reshape(()) for n in fqs]).float()
+        source = self.make_source(prog.recipe, names, static, zeros)
+        gm.add_submodule(SCALE_SOURCE, source)
         idx = timestep_index_node(prog)
         with graph.inserting_after(idx):
             call = graph.call_module(SCALE_SOURCE, (idx,))
         meta.mark_inserted(call)
+        zcall = None
+        if isinstance(getattr(source, ZERO_POINT_SOURCE, None), torch.nn.Module):
+            with graph.inserting_after(call):
+                zcall = graph.call_module(f"{SCALE_SOURCE}.{ZERO_POINT_SOURCE}", (idx,))
+            meta.mark_inserted(zcall)
         for row, fq in enumerate(fqs):
-            old = arg_node(fq, 1)
+            old_s, old_z = arg_node(fq, 1), arg_node(fq, 2)
             per_sample = gathers_per_sample(prog, arg_node(fq, 0))
-            with graph.inserting_before(fq):
-                s = graph.call_function(aten.select.int, (call, 0, row))
-                if not per_sample:
-                    s = graph.call_function(aten.select.int, (s, 0, 0))
-            meta.mark_inserted(s)
-            fq.update_arg(1, s)
+            fq.update_arg(1, _row(graph, call, row, per_sample, fq))
+            if zcall is not None:
+                fq.update_arg(2, _row(graph, zcall, row, per_sample, fq))
             fq.update_arg(5, 0 if per_sample else None)
-            if not old.users:
-                graph.erase_node(old)
+            for old in (old_s, old_z):
+                if not old.users:
+                    graph.erase_node(old)
         return PassResult(len(fqs))
+
+
+def _row(graph: torch.fx.Graph, call: torch.fx.Node, row: int, per_sample: bool, before: torch.fx.Node) -> torch.fx.Node:
+    """S[row] (per sample) or S[row][0] of the source's [L, B] output, inserted before ``before``."""
+    with graph.inserting_before(before):
+        s = graph.call_function(aten.select.int, (call, 0, row))
+        if not per_sample:
+            s = graph.call_function(aten.select.int, (s, 0, 0))
+    meta.mark_inserted(s)
+    return s

@@ -12,8 +12,9 @@ training with static steps and ``w4a4-tdq-qat`` LSQ with TDQ generators. PTQD pr
 ``w4a8-ptqd`` / ``w4a4-ptqd`` add the noise correction (correlated part, bias, variance schedule) and
 ``mixed-ptqd`` W4 weights with 4- or 8-bit activations chosen per timestep (SNR^Q > 100·SNR^F), plus
 the correction;
-``-tdq-ptqd`` variants put them on TDQ step sizes. Other method presets (QALoRA, ternary) register
-themselves with ``register_preset``.
+``-tdq-ptqd`` variants put them on TDQ step sizes. EfficientDM presets ``w4a4-qalora``,
+``w4a8-qalora``, ``w2a8-qalora`` train QALoRA adapters by distillation from the FP model with TALSQ
+(a learned activation step and zero point per timestep); ``-no-talsq`` keeps static activation steps.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ from stepq.recipe.specs import (
     PerChannel,
     PerTensor,
     PTQDConfig,
+    QALoRAConfig,
     QATConfig,
     QuantSpec,
     Recipe,
     TDQConfig,
 )
 
-__all__ = ["activation_spec", "get_preset", "preset_names", "register_preset", "static_recipe", "weight_spec"]
+__all__ = ["activation_spec", "get_preset", "preset_names", "qalora_recipe", "qalora_weight_spec", "register_preset",
+           "static_recipe", "weight_spec"]
 
 _PRESETS: dict[str, Callable[[], Recipe]] = {}
 
@@ -124,3 +127,26 @@ for _tdq in (False, True):
     register_preset(f"w4a4{'-tdq' if _tdq else ''}-ptqd", _ptqd_factory(4, 4, tdq=_tdq))
     # mixed precision: the W4A8 graph, whose default-rule activations switch to 4 bits per timestep
     register_preset(f"mixed{'-tdq' if _tdq else ''}-ptqd", _ptqd_factory(4, 8, mixed=True, tdq=_tdq))
+
+
+def qalora_weight_spec(bits: int) -> QuantSpec:
+    """EfficientDM's weight quantizer: per output channel, asymmetric (a zero point per channel); below
+    8 bits the range is found by MSE search."""
+    observer = MinMaxObserver() if bits >= 8 else MSEObserver()
+    return QuantSpec(bits=bits, signed=True, symmetric=False, granularity=PerChannel(0), observer=observer)
+
+
+def qalora_recipe(w_bits: int, a_bits: int, *, talsq: bool = True, **config: object) -> Recipe:
+    """EfficientDM at WxAy: the static recipe's rules (8-bit input / output / timestep-embedding layers,
+    float attention matmuls) with asymmetric per-channel weights, a QALoRA adapter on every other
+    quantized Linear and Conv2d, and (``talsq``) a learned activation step and zero point per timestep."""
+    base = static_recipe(f"w{w_bits}a{a_bits}", w_bits, a_bits)
+    main = LayerSpec(weight=qalora_weight_spec(w_bits), activation=activation_spec(a_bits))
+    name = f"w{w_bits}a{a_bits}-qalora" + ("" if talsq else "-no-talsq")
+    return base.replace(name=name, default=main, qalora=QALoRAConfig(talsq=talsq, **config))  # type: ignore[arg-type]
+
+
+for _w, _a in ((4, 4), (4, 8), (2, 8)):
+    for _talsq in (True, False):
+        register_preset(f"w{_w}a{_a}-qalora" + ("" if _talsq else "-no-talsq"),
+                        (lambda w, a, t: lambda: qalora_recipe(w, a, talsq=t))(_w, _a, _talsq))

@@ -36,34 +36,41 @@ def _recipe(recipe: str | Recipe) -> Recipe:
     return get_preset(recipe) if isinstance(recipe, str) else recipe
 
 
-def _phases(r: Recipe, train_data: Any, fp_model: Any) -> set[str]:
-    """The phases a walk runs: a QAT recipe without training data stops after calibrate, the
-    ptqd phase needs the FP model."""
+def _phases(r: Recipe, train_data: Any, fp_model: Any, sampling: Any = None) -> set[str]:
+    """The phases a walk runs: a QAT recipe without training data stops after calibrate, a QALoRA
+    recipe without a teacher (``fp_model`` and ``sampling``) converts untrained adapters, the ptqd
+    phase needs the FP model."""
     if r.qat is not None and train_data is None:
         return {"prepare", "calibrate"}
+    if r.qalora is not None and (fp_model is None or sampling is None):
+        return {"prepare", "calibrate", "convert"} | ({"ptqd"} if fp_model is not None else set())
     return {"prepare", "calibrate", "train", "convert"} | ({"ptqd"} if fp_model is not None else set())
 
 
-def pipeline_names(recipe: str | Recipe, *, train_data: Any = None, fp_model: Any = None) -> list[str]:
+def pipeline_names(recipe: str | Recipe, *, train_data: Any = None, fp_model: Any = None,
+                   sampling: Any = None) -> list[str]:
     """The names of the passes ``recipe`` runs, in order (the points ``program_at`` takes)."""
     r = _recipe(recipe)
-    walked = _phases(r, train_data, fp_model)
+    walked = _phases(r, train_data, fp_model, sampling)
     return [s.name for s in build_pipeline(r) if s.phase in walked and not isinstance(s.item, (Skip, Step))]
 
 
 def walk_pipeline(prog: Program, recipe: str | Recipe, calibration: Iterable[Mapping[str, Any]],
-                  visit: Visit | None = None, *, train_data: Any = None, fp_model: Any = None) -> Program:
+                  visit: Visit | None = None, *, train_data: Any = None, fp_model: Any = None,
+                  sampling: Any = None) -> Program:
     """Run every stage of ``recipe`` on a copy of the captured ``prog``; each pass goes through
     ``visit(pass, program) -> program`` (default: ``run_passes``), whose result the walk continues
     with. Returns the program after the last phase it could run (converted, unless a QAT recipe
-    came without ``train_data``)."""
+    came without ``train_data``). A QALoRA recipe trains with ``fp_model`` and ``sampling`` (the
+    teacher's trajectories) and is converted with untrained adapters without them."""
     if prog.stage != "captured":
         raise ValueError(f"walk_pipeline starts from a captured program, got one at stage {prog.stage!r}")
     r = _recipe(recipe)
     calls = list(calibration)
     if not calls:
         raise ValueError("walk_pipeline needs calibration data: a non-empty list of input dicts")
-    inputs = CompileInputs(calibration=calls, train_data=train_data, fp_model=fp_model, progress=False)
+    inputs = CompileInputs(calibration=calls, train_data=train_data, fp_model=fp_model, sampling=sampling,
+                           progress=False)
 
     def default(p: Any, q: Program) -> Program:
         run_passes(q, [p])
@@ -73,10 +80,10 @@ def walk_pipeline(prog: Program, recipe: str | Recipe, calibration: Iterable[Map
     prog = copy_program(prog)
     prog.recipe = r
     stages = build_pipeline(r)
-    walked = _phases(r, train_data, fp_model)
+    walked = _phases(r, train_data, fp_model, sampling)
     for i, stage in enumerate(stages):
         if stage.phase not in walked:
-            break
+            continue
         if isinstance(stage.item, Step):
             run_passes(prog, [stage.item], inputs=inputs)
         elif not isinstance(stage.item, Skip):

@@ -59,6 +59,7 @@ __all__ = [
     "layer_rules",
     "layer_specs",
     "ptqd_recipes",
+    "qalora_recipes",
     "quant_specs",
     "recipes",
     "shorten",
@@ -190,6 +191,8 @@ def denoisers(draw: st.DrawFn, *, configs: st.SearchStrategy[RandomDenoiserConfi
 def shorten(recipe: Recipe, *, fit_steps: int = 2) -> Recipe:
     """``recipe`` with its TDQ fit cut to ``fit_steps`` steps on small batches and no time budget
     (what a property test can afford); recipes without TDQ come back unchanged."""
+    if recipe.qalora is not None:
+        recipe = recipe.replace(qalora=recipe.qalora.replace(steps=fit_steps, batch_size=2, rank=4))
     if recipe.tdq is None:
         return recipe
     tdq = recipe.tdq.replace(fit_steps=fit_steps, time_budget_s=None, fit_batch=2, fit_rows=2)
@@ -201,6 +204,10 @@ def _presets(kind: str) -> list[str]:
     for name in preset_names():
         r = get_preset(name)
         if r.qat is not None:  # QAT needs training data: not a pass-level test
+            continue
+        if r.qalora is not None:
+            if kind == "qalora":
+                out.append(name)
             continue
         if kind == "static" and r.tdq is None and r.ptqd is None:
             out.append(name)
@@ -219,6 +226,12 @@ def static_recipes() -> st.SearchStrategy[Recipe]:
 def tdq_recipes(*, fit_steps: int = 2) -> st.SearchStrategy[Recipe]:
     """The TDQ presets (``-tdq``: generators, ``-steptable``: a free table), fits shortened."""
     return st.sampled_from(_presets("tdq")).map(lambda n: shorten(get_preset(n), fit_steps=fit_steps))
+
+
+def qalora_recipes(*, fit_steps: int = 2) -> st.SearchStrategy[Recipe]:
+    """The EfficientDM presets (QALoRA adapters, with or without TALSQ), rank and steps shortened; a
+    walk without a teacher converts them with untrained adapters."""
+    return st.sampled_from(_presets("qalora")).map(lambda n: shorten(get_preset(n), fit_steps=fit_steps))
 
 
 def ptqd_recipes(*, mixed: bool | None = None, fit_steps: int = 2) -> st.SearchStrategy[Recipe]:
@@ -289,6 +302,6 @@ def composed_recipes(draw: st.DrawFn, *, methods: bool = False, fit_steps: int =
 
 
 def recipes(*, fit_steps: int = 2) -> st.SearchStrategy[Recipe]:
-    """Any of the above: static, TDQ and PTQD presets, and composed recipes (with method sections)."""
+    """Any of the above: static, TDQ, PTQD and QALoRA presets, and composed recipes (with method sections)."""
     return st.one_of(static_recipes(), tdq_recipes(fit_steps=fit_steps), ptqd_recipes(fit_steps=fit_steps),
-                     composed_recipes(methods=True, fit_steps=fit_steps))
+                     qalora_recipes(fit_steps=fit_steps), composed_recipes(methods=True, fit_steps=fit_steps))

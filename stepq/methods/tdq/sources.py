@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stepq.compiler.timesteps import interpolate_unvisited
 from stepq.recipe.specs import Recipe
 
 __all__ = ["ScaleGenerators", "ScaleTable", "fourier_features", "inverse_softplus", "make_scale_source"]
@@ -108,24 +109,13 @@ class ScaleTable(nn.Module):
     @torch.no_grad()
     def tables(self) -> Tensor:
         """[L, T], unvisited timesteps linearly interpolated between visited ones (held at the ends)."""
-        s = F.softplus(self.theta)
-        seen = torch.nonzero(self.visited).reshape(-1)
-        if seen.numel() == 0:
-            return s
-        t = torch.arange(self.num_train_timesteps, dtype=torch.float32)
-        pos = torch.searchsorted(seen.float(), t).clamp(1, max(seen.numel() - 1, 1))
-        if seen.numel() == 1:
-            return s[:, seen].expand_as(s).clone()
-        lo, hi = seen[pos - 1], seen[pos]
-        w = ((t - lo.float()) / (hi - lo).float()).clamp(0, 1)
-        out = s[:, lo] * (1 - w) + s[:, hi] * w
-        out[:, seen] = s[:, seen]
-        return out
+        return interpolate_unvisited(F.softplus(self.theta), self.visited)
 
 
-def make_scale_source(recipe: Recipe, names: list[str], static: Tensor) -> nn.Module:
+def make_scale_source(recipe: Recipe, names: list[str], static: Tensor, zero_points: Tensor | None = None) -> nn.Module:
     """The scale source ``recipe.tdq`` asks for, over the quantizers ``names`` starting at the static
-    steps ``static`` [L]: ``ScaleGenerators`` for ``method="mlp"``, else a free ``ScaleTable``."""
+    steps ``static`` [L]: ``ScaleGenerators`` for ``method="mlp"``, else a free ``ScaleTable``. TDQ
+    keeps the zero points static (``zero_points`` is not used)."""
     cfg = recipe.tdq
     if cfg is None:
         raise ValueError(f"make_scale_source: recipe {recipe.name!r} has no tdq section")
