@@ -299,3 +299,15 @@ def test_a_model_without_lora_is_left_alone():
     data = calib_set(1)
     before = program_at(stepq.capture(m, data[0]), "w8a8", data, before="fold_user_lora")
     assert check_pass(FoldUserLoRA(), before, data).result.count == 0
+
+
+def test_a_qalora_artefact_saves_and_loads_bit_exact(tmp_path):
+    m, cfg, prog = _calibrated("unet", talsq=True)
+    run_passes(prog, [InsertLoRA(LoRADelta)])
+    _randomize_adapters(prog, seed=3)
+    qm = stepq.convert(prog)
+    qm.save(tmp_path / "m")
+    loaded = stepq.load(tmp_path / "m")
+    x = denoiser_inputs(2, (30, 700), seed=4)
+    assert torch.equal(loaded(**x), qm(**x))
+    assert loaded.recipe.qalora == qm.recipe.qalora
