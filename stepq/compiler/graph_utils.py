@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-__all__ = ["arg_node", "delete_attr", "fetch_attr", "has_attr", "register_tensor", "unique_name"]
+__all__ = ["arg_node", "as_parameter", "delete_attr", "fetch_attr", "has_attr", "register_tensor", "unique_name"]
 
 
 def _owner(gm: torch.nn.Module, qualname: object, create: bool) -> tuple[torch.nn.Module, str]:
@@ -74,3 +74,16 @@ def arg_node(node: torch.fx.Node, index: int) -> torch.fx.Node:
     if not isinstance(a, torch.fx.Node):
         raise TypeError(f"argument {index} of {node.name} is {a!r}, not a graph node")
     return a
+
+
+def as_parameter(gm: torch.nn.Module, qualname: str) -> torch.nn.Parameter:
+    """The attribute ``qualname`` as a parameter: a buffer is re-registered as a ``Parameter`` with
+    its value (so an optimiser can train it, e.g. a quantizer's step size); a parameter is returned."""
+    mod, leaf = _owner(gm, qualname, create=False)
+    t = getattr(mod, leaf)
+    if isinstance(t, torch.nn.Parameter):
+        return t
+    del mod._buffers[leaf]
+    p = torch.nn.Parameter(t.detach().clone())
+    mod.register_parameter(leaf, p)
+    return p

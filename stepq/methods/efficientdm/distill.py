@@ -33,7 +33,7 @@ from stepq.calibration.collect import Sampling
 from stepq.calibration.samplers import default_make_inputs, make_denoiser, sample
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import PreconditionError, RecipeError
-from stepq.compiler.graph_utils import arg_node, fetch_attr
+from stepq.compiler.graph_utils import arg_node, as_parameter, fetch_attr
 from stepq.compiler.pass_manager import (
     CompileInputs,
     Contract,
@@ -58,18 +58,6 @@ aten = torch.ops.aten
 
 class _Done(Exception):
     """Raised inside the sampler when the step budget is spent."""
-
-
-def _to_parameter(gm: torch.nn.Module, qualname: str) -> torch.nn.Parameter:
-    *path, leaf = qualname.split(".")
-    mod = gm.get_submodule(".".join(path)) if path else gm
-    t = getattr(mod, leaf)
-    if isinstance(t, torch.nn.Parameter):
-        return t
-    del mod._buffers[leaf]
-    p = torch.nn.Parameter(t.detach().clone())
-    mod.register_parameter(leaf, p)
-    return p
 
 
 def _adapted_weight_quantizers(prog: Program) -> dict[str, torch.fx.Node]:
@@ -129,7 +117,7 @@ def distill_qalora(
     groups: list[dict[str, Any]] = []
     for name, lr in rates.items():
         groups.append({"params": list(gm.get_submodule(name).parameters()), "lr": lr, "name": name})
-    w_steps = [_to_parameter(gm, str(arg_node(fq, 1).target)) for fq in _adapted_weight_quantizers(prog).values()]
+    w_steps = [as_parameter(gm, str(arg_node(fq, 1).target)) for fq in _adapted_weight_quantizers(prog).values()]
     if cfg.weight_step_lr > 0:
         groups.append({"params": w_steps, "lr": cfg.weight_step_lr, "name": "weight_steps"})
     source = gm.get_submodule(SCALE_SOURCE) if hasattr(gm, SCALE_SOURCE) else None

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from stepq.calibration.samplers import model_output
 from stepq.compiler import meta, ops
 from stepq.compiler.errors import PreconditionError, RecipeError
-from stepq.compiler.graph_utils import arg_node
+from stepq.compiler.graph_utils import arg_node, as_parameter
 from stepq.compiler.pass_manager import CompileInputs, Contract, PassResult, RecipeHas, StageIs, Step
 from stepq.compiler.program import Program
 from stepq.passes.insert_scale_source import SCALE_SOURCE
@@ -72,18 +72,6 @@ def denoising_batches(
         yield make_inputs(x_t, t, c), noise
 
 
-def _to_parameter(gm: torch.nn.Module, qualname: str) -> torch.nn.Parameter:
-    *path, leaf = qualname.split(".")
-    mod = gm.get_submodule(".".join(path)) if path else gm
-    t = getattr(mod, leaf)
-    if isinstance(t, torch.nn.Parameter):
-        return t
-    del mod._buffers[leaf]
-    p = torch.nn.Parameter(t.detach().clone())
-    mod.register_parameter(leaf, p)
-    return p
-
-
 def make_trainable(prog: Program, *, batch_size: int
                    ) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """Turn step-size buffers into parameters with LSQ gradient scaling.
@@ -100,7 +88,7 @@ def make_trainable(prog: Program, *, batch_size: int
         if not isinstance(s_node, torch.fx.Node) or s_node.op != "get_attr" or s_node.target in seen:
             continue
         seen.add(str(s_node.target))
-        p = _to_parameter(gm, str(s_node.target))
+        p = as_parameter(gm, str(s_node.target))
         x_val = arg_node(n, 0).meta.get("val")
         numel = 1
         if isinstance(x_val, Tensor):
