@@ -29,7 +29,7 @@ from stepq.compiler.errors import (
 from stepq.compiler.pipeline import At, build_pipeline
 from stepq.compiler.program import Program
 from stepq.recipe.presets import get_preset, preset_names
-from stepq.recipe.specs import (
+from stepq.recipe.specs import (  # TerDiT
     LayerRule,
     LayerSpec,
     MinMaxObserver,
@@ -41,6 +41,8 @@ from stepq.recipe.specs import (
     PTQDConfig,
     QuantSpec,
     Recipe,
+    TerDiTConfig,
+    TernarySpec,
 )
 
 __version__ = "0.1.0"
@@ -80,5 +82,7 @@ __all__ = [
     "quantize",
     "train",
 ]
+
+__all__ += ["TerDiTConfig", "TernarySpec"]
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())

@@ -31,6 +31,7 @@ from stepq.methods.ptqd.steps import ChooseBits, MeasureNoise
 from stepq.methods.qat import TrainQAT
 from stepq.methods.tdq import FitScaleSource
 from stepq.methods.tdq.sources import make_scale_source
+from stepq.methods.terdit import TrainTernary
 from stepq.passes import (
     AnnotateLayers,
     AttachTimestepTables,
@@ -38,6 +39,7 @@ from stepq.passes import (
     CorrectNoise,
     FreezeScaleSource,
     InsertQuantizers,
+    InsertRMSNorm,
     InsertScaleSource,
     MaterializeQuantizers,
     QuantizeWeights,
@@ -102,6 +104,9 @@ def build_pipeline(recipe: Recipe | str, passes: Sequence[At] = ()) -> list[Stag
         Stage("prepare", AnnotateLayers(recipe)),
         Stage("prepare", InsertQuantizers() if recipe.quantizes_anything
               else Skip("insert_quantizers", "the recipe keeps every layer in floating point")),
+        # TerDiT: an RMSNorm after every block's adaLN modulation linear, found by dataflow
+        Stage("prepare", InsertRMSNorm(recipe.terdit.rmsnorm_eps) if recipe.terdit is not None and recipe.terdit.rmsnorm
+              else Skip("insert_rmsnorm", "the recipe has no TerDiT section with rmsnorm")),
         # calibrate: the observers see FP-trajectory data, then become fake-quant ops with frozen scales
         Stage("calibrate", Observe(keep_calls=fit)),
         Stage("calibrate", MaterializeQuantizers()),
@@ -111,7 +116,11 @@ def build_pipeline(recipe: Recipe | str, passes: Sequence[At] = ()) -> list[Stag
             "fit_scale_source", no_tdq if tdq is None else "the recipe trains (QAT)" if qat is not None
             else "TDQConfig.fit_steps is 0")),
         # train: LSQ quantization-aware training on the denoising loss
-        Stage("train", TrainQAT() if qat is not None else Skip("train_qat", "the recipe has no QAT section")),
+        Stage("train", TrainQAT() if qat is not None and recipe.terdit is None
+              else Skip("train_qat", "the recipe has no QAT section" if qat is None else "TerDiT trains its own loop")),
+        # TerDiT: ternary QAT on the denoising loss (the recipe's qat section gives steps and rates)
+        Stage("train", TrainTernary() if qat is not None and recipe.terdit is not None
+              else Skip("train_ternary", "the recipe has no TerDiT section with QAT")),
         # convert: the per-layer report, then frozen tables and integer weights
         Stage("convert", Report()),
         Stage("convert", FreezeScaleSource() if tdq is not None else Skip("freeze_scale_source", no_tdq)),

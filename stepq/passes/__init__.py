@@ -6,6 +6,7 @@ from stepq.passes.canonicalize_export import CanonicalizeExport
 from stepq.passes.correct_noise import CorrectNoise
 from stepq.passes.freeze_scale_source import FreezeScaleSource
 from stepq.passes.insert_quantizers import InsertQuantizers
+from stepq.passes.insert_rmsnorm import InsertRMSNorm
 from stepq.passes.insert_scale_source import InsertScaleSource
 from stepq.passes.materialize_quantizers import MaterializeQuantizers
 from stepq.passes.quantize_weights import QuantizeWeights
@@ -14,5 +15,5 @@ from stepq.passes.select_bits import SelectBits
 from stepq.passes.specialize_bits import SpecializeBits
 
 __all__ = ["AnnotateLayers", "AttachTimestepTables", "CanonicalizeExport", "CorrectNoise", "FreezeScaleSource",
-           "InsertQuantizers", "InsertScaleSource", "MaterializeQuantizers", "QuantizeWeights", "RefreshTables",
+           "InsertQuantizers", "InsertRMSNorm", "InsertScaleSource", "MaterializeQuantizers", "QuantizeWeights", "RefreshTables",
            "SelectBits", "SpecializeBits"]

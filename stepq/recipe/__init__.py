@@ -18,6 +18,8 @@ from stepq.recipe.specs import (
     QuantSpec,
     Recipe,
     TDQConfig,
+    TerDiTConfig,
+    TernarySpec,
 )
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "QuantSpec",
     "Recipe",
     "TDQConfig",
+    "TerDiTConfig",
+    "TernarySpec",
     "get_preset",
     "preset_names",
     "register_preset",
