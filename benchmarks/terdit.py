@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 import stepq
-from stepq import zoo
+from stepq import metrics, zoo
 from stepq.calibration.samplers import default_make_inputs
 from stepq.data import load_digits_images
 from stepq.methods.qat import denoising_batches
@@ -91,6 +92,114 @@ def train(name: str, steps: int, work: Path) -> None:
           flush=True)
 
 
+# -- evaluation -----------------------------------------------------------------------------------------
+def _fp_cache(sampler: str, n: int, seed: int) -> Path:
+    # the same file benchmarks/quality.py keeps its FP samples in
+    return Path("/tmp/stepq_quality_cache") / f"dit_{sampler}_n{n}_seed{seed}.safetensors"
+
+
+def _samples(denoiser: Any, sampler: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    kind, steps, eta = SAMPLERS[sampler]
+    return zoo.generate(denoiser, zoo.entry("digits-dit"), n, num_inference_steps=steps, scheduler=kind, seed=seed,
+                        eta=eta)
+
+
+def fp_samples(sampler: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from safetensors.torch import load_file, save_file
+
+    p = _fp_cache(sampler, n, seed)
+    if p.is_file():
+        d = load_file(str(p))
+        return d["images"], d.get("labels")
+    images, labels = _samples(zoo.load("digits-dit"), sampler, n, seed)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"images": images.contiguous()} | ({} if labels is None else {"labels": labels.contiguous()}), str(p))
+    return images, labels
+
+
+def ternary_bits(qm: Any) -> dict[str, float]:
+    """Bits per weight of the ternary layers: packed codes + their α, over the weights' count."""
+    from stepq.compiler import meta, ops
+    from stepq.compiler.graph_utils import fetch_attr
+
+    gm = qm.gm
+    numel = stored = 0
+    for n in gm.graph.nodes:
+        if n.target is not ops.DEQUANTIZE or not isinstance(n.meta.get(meta.QSPEC), stepq.TernarySpec):
+            continue
+        src, alpha = n.args[0], n.args[1]
+        packed = fetch_attr(gm, src.args[0].target)
+        a = fetch_attr(gm, alpha.target)
+        numel += math.prod(int(d) for d in (src.args[1] if src.target is ops.UNPACK_BASE3 else src.args[3]))
+        stored += packed.numel() * packed.element_size() + a.numel() * a.element_size()
+    return {"ternary_weights": numel, "ternary_bytes": stored, "bits_per_weight": 8 * stored / max(1, numel)}
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def score(images: torch.Tensor, labels: torch.Tensor | None, fp: torch.Tensor | None) -> dict[str, Any]:
+    classifier = zoo.load("digits-classifier")
+    test_x, _ = load_digits_images("test")
+    return {"fd": metrics.fd(images, test_x, classifier),
+            "accuracy": metrics.class_accuracy(images, labels, classifier) if labels is not None else None,
+            "psnr_vs_fp": metrics.psnr(images, fp) if fp is not None else None}
+
+
+def build(config: str, work: Path) -> Any:
+    """The denoiser of a row: the FP model, a trained ternary artefact, or W4 / W2 weight-only PTQ."""
+    if config == "fp32":
+        return zoo.load("digits-dit")
+    if config in TRAINED:
+        path = work / config
+        while not (path / "manifest.json").is_file():  # trained by a `train` run in the background
+            time.sleep(20)
+        return stepq.load(str(path))
+    bits = {"w4-ptq": 4, "w2-ptq": 2}[config]
+    model = zoo.load("digits-dit")
+    return stepq.quantize(model, example(model), weight_only_recipe(bits), progress=False)
+
+
+def evaluate(configs: list[str], samplers: list[str], n: int, seed: int, work: Path) -> None:
+    out = RESULTS.with_suffix(".json")
+    for config in configs:
+        t0 = time.perf_counter()
+        den = build(config, work)
+        for sampler in samplers:
+            fp, _ = fp_samples(sampler, n, seed)
+            t1 = time.perf_counter()
+            if config == "fp32":
+                images, labels = fp_samples(sampler, n, seed)
+            else:
+                images, labels = _samples(den, sampler, n, seed)
+            row: dict[str, Any] = {"config": config, "sampler": sampler, "n": n,
+                                   **score(images, labels, None if config == "fp32" else fp),
+                                   "sample_s": round(time.perf_counter() - t1, 1)}
+            if config != "fp32":
+                row["weight_bytes"] = den.weight_bytes()
+                row.update(ternary_bits(den))
+            else:
+                row["weight_bytes"] = sum(p.numel() * 4 for p in den.parameters())
+            if config in TRAINED:
+                row["artefact_bytes"] = _dir_bytes(work / config)
+                row.update({k: v for k, v in json.loads((work / f"{config}.json").read_text()).items()
+                            if k in ("steps", "lr", "wall_s", "scratch")})
+            metrics.save_grid(images[:100], RESULTS.parent / "grids" / f"terdit_{sampler}_{config}.png", nrow=10)
+            _merge_row(out, row)
+            print(f"{config:20s} {sampler:8s} FD {row['fd']:.3f} acc {row['accuracy']:.3f} PSNR "
+                  f"{row['psnr_vs_fp'] if row['psnr_vs_fp'] is None else round(row['psnr_vs_fp'], 2)} "
+                  f"({row['sample_s']}s, built in {t1 - t0:.0f}s)", flush=True)
+
+
+def _merge_row(path: Path, row: dict[str, Any], key: str = "rows") -> None:
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    rows = [r for r in data.get(key, []) if (r.get("config"), r.get("sampler")) != (row.get("config"), row.get("sampler"))]
+    data[key] = rows + [row]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -98,6 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--configs", nargs="+", default=list(TRAINED), choices=list(TRAINED))
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--work", default="/tmp/terdit_work")
+    e = sub.add_parser("eval")
+    e.add_argument("--configs", nargs="+", default=["fp32", "w4-ptq", "w2-ptq", *TRAINED])
+    e.add_argument("--samplers", nargs="+", default=["ddim20"], choices=list(SAMPLERS))
+    e.add_argument("--n", type=int, default=1000)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--work", default="/tmp/terdit_work")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(args.work)
@@ -105,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "train":
         for name in args.configs:
             train(name, args.steps, work)
+    elif args.cmd == "eval":
+        evaluate(args.configs, args.samplers, args.n, args.seed, work)
 
 
 if __name__ == "__main__":
