@@ -47,7 +47,7 @@ T = 1000
 
 #: program state the built-ins write (stepq/compiler/state.py's table) until their contracts say so
 #: one recipe per method family; together their pipelines hold every built-in pass
-FAMILY_RECIPES = ("w4a8", "w4a4-tdq", "w8a8-steptable", "mixed-tdq-ptqd", "w4a4-ptqd")
+FAMILY_RECIPES = ("w4a8", "w4a4-tdq", "w8a8-steptable", "mixed-tdq-ptqd", "w4a4-ptqd", "ternary-dit")
 
 _SMALL = dict(width=16, temb_dim=16, depth=1)
 FAMILY_CASES = {
@@ -60,6 +60,7 @@ FAMILY_CASES = {
                                        2, torch.tensor([100, 700])),
     "w4a4-ptqd": sqs.DenoiserCase(RandomDenoiserConfig(kind="unet", num_classes=5, **_SMALL), 2,
                                   torch.tensor(250.0)),
+    "ternary-dit": sqs.DenoiserCase(RandomDenoiserConfig(kind="dit", num_classes=5, **_SMALL), 2, torch.tensor([3, 870])),
 }
 
 

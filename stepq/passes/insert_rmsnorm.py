@@ -50,6 +50,9 @@ _THROUGH = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, 
             aten.squeeze.dim, aten.contiguous.default, aten.clone.default, aten.add.Tensor, aten.to.dtype,
             aten._assert_tensor_metadata.default}
 _SILU = {aten.silu.default, aten.silu_.default}
+#: between the SiLU and the linear (SD3's AdaLayerNormContinuous casts: ``silu(c).to(x.dtype)``)
+_CASTS = {aten.view.default, aten.reshape.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
+          aten.contiguous.default}
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,7 @@ def find_modulations(prog: Program, min_chunks: int = 3) -> list[Modulation]:
                                   f"the modulation is produced by {cur.op} {cur.target}, not a Linear"))
             continue
         x = cur.args[0]
-        while isinstance(x, torch.fx.Node) and x.target in (aten.view.default, aten.reshape.default):
+        while isinstance(x, torch.fx.Node) and x.target in _CASTS:
             x = x.args[0]
         if not (isinstance(x, torch.fx.Node) and x.target in _SILU):
             out.append(Modulation(chunk, pieces, cur, None, normalized, "the modulation Linear is not fed by SiLU"))
