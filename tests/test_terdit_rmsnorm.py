@@ -71,7 +71,7 @@ def test_one_rmsnorm_per_gated_modulation_between_the_linear_and_every_chunk_con
     model, prog, fam = _capture(name)
     before = _canonical(prog.gm)
     result = InsertRMSNorm()(prog)
-    n_blocks = len(getattr(model, "transformer_blocks")) + len(getattr(model, "single_transformer_blocks", ()))
+    n_blocks = len(model.transformer_blocks) + len(getattr(model, "single_transformer_blocks", ()))
     assert result.count == expected_count(model) >= n_blocks > 0
     norms = [n for n in prog.gm.graph.nodes if n.target is RMS_NORM and n.meta.get(meta.STEPQ_INSERTED)]
     assert len(norms) == result.count
