@@ -12,6 +12,7 @@ import stepq
 from stepq import zoo
 from stepq.calibration.samplers import default_make_inputs
 from stepq.compiler import analysis, meta
+from stepq.compiler.graph_utils import fetch_attr
 from stepq.passes.insert_rmsnorm import RMS_NORM, InsertRMSNorm, chunk_consumers
 from stepq.testing import check_pass
 from stepq.testing.families import FAMILIES
@@ -80,7 +81,7 @@ def test_one_rmsnorm_per_gated_modulation_between_the_linear_and_every_chunk_con
         linear = rms.args[0]
         assert linear.target is aten.linear.default and linear.args[0].target is aten.silu.default
         assert rms.args[1] == [linear.meta["val"].shape[-1]]
-        weight = getattr(prog.gm, rms.args[2].target)
+        weight = fetch_attr(prog.gm, rms.args[2].target)
         assert isinstance(weight, nn.Parameter) and torch.equal(weight, torch.ones_like(weight))
         chunks = [c for c in nx.descendants(g, rms) if c.target is aten.chunk.default and nx.has_path(g, rms, c)
                   and all(p is rms or p.target in (aten.view.default, aten.add.Tensor, aten.reshape.default)

@@ -104,6 +104,8 @@ def train_ternary(
         pred = model_output(prog(**inputs))
         if channels is not None:
             pred = pred[:, :channels]
+        elif pred.dim() > 1 and pred.shape[1] > target.shape[1]:  # ε and a learned variance (DiT's 2C outputs)
+            pred = pred[:, : target.shape[1]]
         loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
