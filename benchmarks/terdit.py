@@ -200,6 +200,16 @@ def _merge_row(path: Path, row: dict[str, Any], key: str = "rows") -> None:
     path.write_text(json.dumps(data, indent=1))
 
 
+def ship(config: str, work: Path) -> None:
+    """Re-save a trained artefact into the zoo as ``digits-dit-ternary`` (through the public API)."""
+    qm = stepq.load(str(work / config))
+    target = zoo.CHECKPOINT_DIR / "digits-dit-ternary"
+    qm.save(str(target))
+    bits = ternary_bits(qm)
+    print(f"shipped {config} as {target}: {_dir_bytes(target)} bytes, {bits['bits_per_weight']:.4f} bits/weight "
+          f"over {bits['ternary_weights']} ternary weights", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -213,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--n", type=int, default=1000)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--work", default="/tmp/terdit_work")
+    sh = sub.add_parser("ship")
+    sh.add_argument("--config", default="ckpt-rmsnorm", choices=list(TRAINED))
+    sh.add_argument("--work", default="/tmp/terdit_work")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(args.work)
@@ -222,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
             train(name, args.steps, work)
     elif args.cmd == "eval":
         evaluate(args.configs, args.samplers, args.n, args.seed, work)
+    elif args.cmd == "ship":
+        ship(args.config, work)
 
 
 if __name__ == "__main__":
