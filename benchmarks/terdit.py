@@ -18,6 +18,8 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -200,6 +202,98 @@ def _merge_row(path: Path, row: dict[str, Any], key: str = "rows") -> None:
     path.write_text(json.dumps(data, indent=1))
 
 
+# -- measurements beside the samples ----------------------------------------------------------------------
+@torch.no_grad()
+def modulation_magnitudes(prog: Any, inputs: dict[str, Any]) -> dict[str, list[float]]:
+    """Per block: RMS of the adaLN modulation linear's output, and of the modulation that reaches the
+    chunk into shift / scale / gate (after the RMSNorm where there is one)."""
+    from stepq.passes.insert_rmsnorm import find_modulations
+
+    mods = [m for m in find_modulations(prog) if m.edge is not None]
+    want = {m.producer: "linear" for m in mods} | {m.chunk.args[0]: "chunk_input" for m in mods}
+    seen: dict[Any, torch.Tensor] = {}
+
+    class Probe(torch.fx.Interpreter):
+        def run_node(self, n: Any) -> Any:
+            out = super().run_node(n)
+            if n in want:
+                seen[n] = out
+            return out
+
+    Probe(prog.gm).run(*prog.flat_inputs((), inputs))
+    rms = lambda t: float(t.double().pow(2).mean().sqrt())  # noqa: E731
+    return {"linear": [rms(seen[m.producer]) for m in mods], "chunk_input": [rms(seen[m.chunk.args[0]]) for m in mods]}
+
+
+def _onnx_bytes(path: Path) -> int:
+    """The .onnx file and its external-data file, if the exporter wrote one (the FP model's weights)."""
+    return sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.is_file())
+
+
+def _latency(fn: Any, inputs: dict[str, Any], repeats: int) -> float:
+    fn(**inputs)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn(**inputs)
+    return (time.perf_counter() - t0) / repeats
+
+
+def measure(configs: list[str], work: Path, batch: int, repeats: int) -> None:
+    """adaLN magnitudes of every model; ONNX bytes, MatMulNBits count and ORT latency of the shipped
+    configuration against the FP32 ONNX model (one thread each)."""
+    import onnx
+
+    import stepq.backends.onnx as sx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peers import OrtDenoiser, export_fp_onnx
+
+    entry = zoo.entry("digits-dit")
+    x0, y = load_digits_images("train")
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(0, x0.shape[0], (batch,), generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    fp = zoo.load("digits-dit")
+    noisy = entry.scheduler.add_noise(x0[idx], torch.randn(x0[idx].shape, generator=g), t)
+    inputs = default_make_inputs(fp)(noisy, t, {"class_labels": y[idx]})
+    out = RESULTS.with_suffix(".json")
+    data = json.loads(out.read_text()) if out.is_file() else {}
+    mags = data.get("modulation", {})
+    mags["fp32"] = modulation_magnitudes(stepq.capture(fp, example(fp)), inputs)
+    for c in configs:
+        if (work / c / "manifest.json").is_file():
+            mags[c] = modulation_magnitudes(stepq.load(str(work / c)).program, inputs)
+    data["modulation"] = mags
+    qm = stepq.load(str(work / "ckpt-rmsnorm"))
+    with tempfile.TemporaryDirectory() as tmp:
+        fp_path = export_fp_onnx(fp, example(fp), Path(tmp) / "fp.onnx")
+        q_path = Path(tmp) / "ternary.onnx"
+        qm.export_onnx(q_path)
+        nodes = [nd for nd in onnx.load(str(q_path)).graph.node if nd.op_type == "MatMulNBits"]
+        bits = [{a.name: a.i for a in nd.attribute}["bits"] for nd in nodes]
+        counts = sx.count_kernels(q_path)
+        lat_fp = _latency(OrtDenoiser(fp_path, threads=1), inputs, repeats)
+        lat_q = _latency(OrtDenoiser(q_path, threads=1), inputs, repeats)
+        lat_ref = _latency(qm, inputs, repeats)
+        lat_torch_fp = _latency(fp, inputs, repeats)
+        data["onnx"] = {"fp32_bytes": _onnx_bytes(fp_path), "ternary_bytes": _onnx_bytes(q_path),
+                        "matmul_nbits": len(nodes), "matmul_nbits_2bit": bits.count(2),
+                        "matmul_nbits_8bit": bits.count(8), "float_kernels": dict(counts.float),
+                        "quantized_in_float": list(counts.quantized_in_float),
+                        "batch": batch, "repeats": repeats, "ort_fp32_s": lat_fp, "ort_ternary_s": lat_q,
+                        "ort_ratio_ternary_over_fp32": lat_q / lat_fp, "torch_fp32_s": lat_torch_fp,
+                        "torch_reference_ternary_s": lat_ref}
+    data["artefact"] = {"fp32_checkpoint_bytes": zoo.checkpoint_paths("digits-dit")[0].stat().st_size,
+                        "ternary_artefact_bytes": _dir_bytes(zoo.CHECKPOINT_DIR / "digits-dit-ternary")
+                        if (zoo.CHECKPOINT_DIR / "digits-dit-ternary").is_dir() else None,
+                        **ternary_bits(qm)}
+    fresh = json.loads(out.read_text()) if out.is_file() else {}  # an eval run may have added rows meanwhile
+    fresh.update({k: data[k] for k in ("onnx", "artefact", "modulation")})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(fresh, indent=1))
+    print(json.dumps({k: data[k] for k in ("onnx", "artefact", "modulation")}, indent=1), flush=True)
+
+
 def ship(config: str, work: Path) -> None:
     """Re-save a trained artefact into the zoo as ``digits-dit-ternary`` (through the public API)."""
     qm = stepq.load(str(work / config))
@@ -226,6 +320,11 @@ def main(argv: list[str] | None = None) -> None:
     sh = sub.add_parser("ship")
     sh.add_argument("--config", default="ckpt-rmsnorm", choices=list(TRAINED))
     sh.add_argument("--work", default="/tmp/terdit_work")
+    me = sub.add_parser("measure")
+    me.add_argument("--configs", nargs="+", default=list(TRAINED))
+    me.add_argument("--batch", type=int, default=32)
+    me.add_argument("--repeats", type=int, default=20)
+    me.add_argument("--work", default="/tmp/terdit_work")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(args.work)
@@ -235,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
             train(name, args.steps, work)
     elif args.cmd == "eval":
         evaluate(args.configs, args.samplers, args.n, args.seed, work)
+    elif args.cmd == "measure":
+        measure(args.configs, work, args.batch, args.repeats)
     elif args.cmd == "ship":
         ship(args.config, work)
 
