@@ -260,6 +260,11 @@ def measure(configs: list[str], work: Path, batch: int, repeats: int) -> None:
     data = json.loads(out.read_text()) if out.is_file() else {}
     mags = data.get("modulation", {})
     mags["fp32"] = modulation_magnitudes(stepq.capture(fp, example(fp)), inputs)
+    for preset, key in (("ternary-dit-no-rmsnorm", "init-no-rmsnorm"), ("ternary-dit", "init-rmsnorm")):
+        # the FP checkpoint's weights ternarised (α = γ), before any training: where the paper's blow-up shows
+        prog = stepq.prepare(stepq.capture(fp, example(fp)), preset)
+        stepq.calibrate(prog, [example(fp)], progress=False)
+        mags[key] = modulation_magnitudes(prog, inputs)
     for c in configs:
         if (work / c / "manifest.json").is_file():
             mags[c] = modulation_magnitudes(stepq.load(str(work / c)).program, inputs)
@@ -296,6 +301,8 @@ def measure(configs: list[str], work: Path, batch: int, repeats: int) -> None:
 
 # -- report ------------------------------------------------------------------------------------------------
 LABELS = {"fp32": "FP32", "w4-ptq": "W4 weight-only PTQ", "w2-ptq": "W2 weight-only PTQ",
+          "init-no-rmsnorm": "FP ckpt ternarised, no RMSNorm, before QAT",
+          "init-rmsnorm": "FP ckpt ternarised + RMSNorm, before QAT",
           "ckpt-rmsnorm": "ternary + RMSNorm, from FP ckpt", "ckpt-no-rmsnorm": "ternary, no RMSNorm, from FP ckpt",
           "scratch-rmsnorm": "ternary + RMSNorm, from scratch", "scratch-no-rmsnorm": "ternary, no RMSNorm, from scratch"}
 
