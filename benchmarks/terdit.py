@@ -377,7 +377,7 @@ def report(work: Path) -> None:
     fig.tight_layout()
     fig.savefig(RESULTS.parent / "terdit_loss_curves.png", dpi=120)
     if "modulation" in data:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), sharey=True)
         mods = data["modulation"]
         width = 0.8 / max(1, len(mods))
         for j, (c, m) in enumerate(mods.items()):
@@ -385,11 +385,14 @@ def report(work: Path) -> None:
                 ax.bar([i + j * width for i in range(len(m[key]))], m[key], width, label=LABELS.get(c, c))
         axes[0].set_title("adaLN linear output (RMS)")
         axes[1].set_title("modulation at the chunk (RMS)")
+        n_blocks = len(next(iter(mods.values()))["linear"])
         for ax in axes:
             ax.set_xlabel("block")
             ax.set_yscale("log")
-        axes[0].legend(fontsize=6)
-        fig.tight_layout()
+            ax.set_xticks([i + (len(mods) - 1) * width / 2 for i in range(n_blocks)], [str(i) for i in range(n_blocks)])
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+        fig.tight_layout(rect=(0, 0.14, 1, 1))
         fig.savefig(RESULTS.parent / "terdit_adaln_magnitude.png", dpi=120)
     print(out.read_text())
 
