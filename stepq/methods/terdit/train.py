@@ -79,14 +79,12 @@ def train_ternary(
     scale_lr: float = 5e-4,
     batch_size: int = 64,
     grad_clip: float | None = 1.0,
-    seed: int = 0,
     channels: int | None = None,
     progress: bool = True,
 ) -> list[float]:
     """Ternary QAT of a calibrated program on (inputs, ε) batches; returns the loss curve."""
     if prog.stage != "calibrated":
         raise PreconditionError(f"train_ternary needs a calibrated program, got stage {prog.stage!r}")
-    torch.manual_seed(seed)  # nothing in the loop draws, but a user's model might (dropout)
     gm = prog.gm
     alphas = ternary_scales(prog)
     special = {id(p) for p in alphas}
@@ -127,7 +125,9 @@ def train_ternary(
 
 class TrainTernary(Step):
     """TerDiT's ternary QAT on ``inputs.train_data`` (count = training steps); settings from the
-    recipe's ``qat`` (steps, lr, scale_lr for α, batch size, seed) and ``terdit`` (grad_clip) sections."""
+    recipe's ``qat`` (steps, lr, scale_lr for α, batch size) and ``terdit`` (grad_clip) sections. The
+    loop draws nothing itself: the batches' iterator carries the seed (``QATConfig.seed`` in the
+    benchmarks' ``denoising_batches``)."""
 
     name = "train_ternary"
     contract: ClassVar[Contract] = Contract(requires=(RecipeHas("qat"), RecipeHas("terdit"), StageIs(("calibrated",))),
@@ -139,5 +139,5 @@ class TrainTernary(Step):
             raise RecipeError(f"recipe {prog.recipe.name!r} trains (ternary QAT); pass train_data=denoising_batches(...)")
         prog.state.qat_curve = train_ternary(prog, inputs.train_data, steps=cfg.steps, lr=cfg.lr,
                                              scale_lr=cfg.scale_lr, batch_size=cfg.batch_size,
-                                             grad_clip=terdit.grad_clip, seed=cfg.seed, progress=inputs.progress)
+                                             grad_clip=terdit.grad_clip, progress=inputs.progress)
         return PassResult(len(prog.state.qat_curve))
