@@ -30,7 +30,7 @@ from stepq.compiler.errors import (
 from stepq.compiler.pipeline import At, build_pipeline
 from stepq.compiler.program import Program
 from stepq.recipe.presets import get_preset, preset_names
-from stepq.recipe.specs import (
+from stepq.recipe.specs import (  # TerDiT
     LayerRule,
     LayerSpec,
     MinMaxObserver,
@@ -43,6 +43,8 @@ from stepq.recipe.specs import (
     QALoRAConfig,
     QuantSpec,
     Recipe,
+    TerDiTConfig,
+    TernarySpec,
 )
 
 __version__ = "0.1.0"
@@ -84,5 +86,7 @@ __all__ = [
     "quantize",
     "train",
 ]
+
+__all__ += ["TerDiTConfig", "TernarySpec"]
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())

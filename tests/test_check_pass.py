@@ -47,7 +47,7 @@ T = 1000
 
 #: program state the built-ins write (stepq/compiler/state.py's table) until their contracts say so
 #: one recipe per method family; together their pipelines hold every built-in pass
-FAMILY_RECIPES = ("w4a8", "w4a4-tdq", "w8a8-steptable", "mixed-tdq-ptqd", "w4a4-ptqd", "w4a4-qalora")
+FAMILY_RECIPES = ("w4a8", "w4a4-tdq", "w8a8-steptable", "mixed-tdq-ptqd", "w4a4-ptqd", "w4a4-qalora", "ternary-dit")
 
 _SMALL = dict(width=16, temb_dim=16, depth=1)
 FAMILY_CASES = {
@@ -62,6 +62,7 @@ FAMILY_CASES = {
                                   torch.tensor(250.0)),
     "w4a4-qalora": sqs.DenoiserCase(RandomDenoiserConfig(kind="unet", context_dim=12, **_SMALL), 2,
                                     torch.tensor([20, 640])),
+    "ternary-dit": sqs.DenoiserCase(RandomDenoiserConfig(kind="dit", num_classes=5, **_SMALL), 2, torch.tensor([3, 870])),
 }
 
 

@@ -20,7 +20,8 @@ Layers, lowest first; a module imports only its own or lower layers, except the 
     7 top level           stepq/__init__.py, cli, testing, cuda
 
 ``stepq.metrics`` and ``stepq.data`` import no stepq module, and ``stepq.zoo`` only
-``compiler.errors`` and ``calibration.samplers``: each sits at the lowest layer that holds, so
+``compiler.errors`` and ``calibration.samplers`` (and, in ``load``, the artefact loader for its compiled
+models: an exception below): each sits at the lowest layer that holds, so
 calibration (or anything above) may use them. This test stays red, listing every offending edge,
 until the code follows the rule; the rule is not weakened to fit the code.
 """
@@ -63,6 +64,7 @@ EXCEPTIONS = (
     ("stepq.compiler.api", "stepq.calibration", "the driver: calibrate checks for observers that saw no data"),
     ("stepq.compiler.api", "stepq.artifact", "the driver: convert returns a QuantizedModel"),
     ("stepq.artifact.quantized_model", "stepq.backends", "QuantizedModel.export resolves a backend by name"),
+    ("stepq.zoo", "stepq.artifact", "zoo.load of a shipped compiled model (digits-dit-ternary) returns a QuantizedModel"),
 )
 
 

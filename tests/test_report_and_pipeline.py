@@ -49,9 +49,12 @@ def test_pipeline_lists_every_stage_in_order_and_skips_with_a_reason(caplog):
                        "correct_noise": "the recipe has no PTQD section",
                        "refresh_tables": "the recipe has no PTQD section",
                        "choose_bits": "the recipe has no PTQD mixed precision",
-                       "measure_noise": "the recipe has no PTQD section"}
-    float_prepare = [s.item for s in build_pipeline(Recipe(name="float")) if s.phase == "prepare"]
-    assert isinstance(float_prepare[-1], Skip) and "floating point" in float_prepare[-1].reason
+                       "measure_noise": "the recipe has no PTQD section",
+                       "insert_rmsnorm": "the recipe has no TerDiT section with rmsnorm",
+                       "train_ternary": "the recipe has no TerDiT section with QAT"}
+    float_prepare = {s.name: s.item for s in build_pipeline(Recipe(name="float")) if s.phase == "prepare"}
+    skip = float_prepare["insert_quantizers"]
+    assert isinstance(skip, Skip) and "floating point" in skip.reason
     # every recipe section adds its stages, in the order the methods need them
     names = [s.name for s in build_pipeline(stepq.get_preset("mixed-tdq-ptqd")) if not isinstance(s.item, Skip)]
     assert names.index("insert_scale_source") < names.index("fit_scale_source") < names.index("freeze_scale_source")

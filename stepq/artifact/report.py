@@ -43,7 +43,8 @@ class LayerReport:
 
 
 def _scale_range(gm: torch.fx.GraphModule, q: Any) -> tuple[float | None, float | None]:
-    if not isinstance(q, torch.fx.Node) or q.target is not ops.FAKE_QUANT:
+    """The range of a quantizer's step size (a ternary weight's: its α)."""
+    if not isinstance(q, torch.fx.Node) or q.target not in (ops.FAKE_QUANT, ops.TERNARY):
         return None, None
     s = q.args[1]
     if isinstance(s, torch.fx.Node) and s.op == "get_attr":

@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from stepq.compiler import meta
 from stepq.compiler.errors import ArtifactError
 from stepq.compiler.graph_utils import fetch_attr
-from stepq.recipe.specs import LayerSpec, QuantSpec
+from stepq.recipe.specs import LayerSpec, QuantSpec, TernarySpec
 
 __all__ = ["graph_from_json", "graph_to_json"]
 
@@ -138,7 +138,8 @@ def _meta_from_json(d: dict[str, Any]) -> dict[str, Any]:
     if meta.LAYER_SPEC in out:
         out[meta.LAYER_SPEC] = LayerSpec.from_dict(out[meta.LAYER_SPEC])
     if meta.QSPEC in out:
-        out[meta.QSPEC] = QuantSpec.from_dict(out[meta.QSPEC])
+        d = out[meta.QSPEC]
+        out[meta.QSPEC] = TernarySpec.from_dict(d) if d.get("kind") == TernarySpec.kind else QuantSpec.from_dict(d)
     return out
 
 

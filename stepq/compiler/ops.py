@@ -302,3 +302,6 @@ QUANTIZE = torch.ops.stepq.quantize.default
 DEQUANTIZE = torch.ops.stepq.dequantize.default
 UNPACK = torch.ops.stepq.unpack.default
 TIMESTEP_INDEX = torch.ops.stepq.timestep_index.default
+
+# TerDiT's ternary quantizer and base-3 storage (registered in the same stepq namespace)
+from stepq.compiler.ternary_ops import TERNARY, UNPACK_BASE3  # noqa: E402, F401

@@ -31,6 +31,7 @@ from stepq.methods.ptqd.steps import ChooseBits, MeasureNoise
 from stepq.methods.qat import TrainQAT
 from stepq.methods.tdq import FitScaleSource
 from stepq.methods.tdq.sources import make_scale_source
+from stepq.methods.terdit import TrainTernary
 from stepq.passes import (
     AnnotateLayers,
     AttachTimestepTables,
@@ -41,6 +42,7 @@ from stepq.passes import (
     FreezeScaleSource,
     InsertLoRA,
     InsertQuantizers,
+    InsertRMSNorm,
     InsertScaleSource,
     MaterializeQuantizers,
     QuantizeWeights,
@@ -109,6 +111,9 @@ def build_pipeline(recipe: Recipe | str, passes: Sequence[At] = ()) -> list[Stag
         Stage("prepare", AnnotateLayers(recipe)),
         Stage("prepare", InsertQuantizers() if recipe.quantizes_anything
               else Skip("insert_quantizers", "the recipe keeps every layer in floating point")),
+        # TerDiT: an RMSNorm after every block's adaLN modulation linear, found by dataflow
+        Stage("prepare", InsertRMSNorm(recipe.terdit.rmsnorm_eps) if recipe.terdit is not None and recipe.terdit.rmsnorm
+              else Skip("insert_rmsnorm", "the recipe has no TerDiT section with rmsnorm")),
         # calibrate: the observers see FP-trajectory data, then become fake-quant ops with frozen scales
         Stage("calibrate", Observe(keep_calls=fit)),
         Stage("calibrate", MaterializeQuantizers()),
@@ -122,8 +127,13 @@ def build_pipeline(recipe: Recipe | str, passes: Sequence[At] = ()) -> list[Stag
             else "TDQConfig.fit_steps is 0")),
         # EfficientDM: a LoRA adapter per selected layer, trained through its weight quantizer
         Stage("calibrate", InsertLoRA(LoRADelta) if qalora is not None else Skip("insert_lora", no_qalora)),
-        # train: LSQ quantization-aware training on the denoising loss, or EfficientDM's distillation
-        Stage("train", TrainQAT() if qat is not None else Skip("train_qat", "the recipe has no QAT section")),
+        # train: LSQ quantization-aware training on the denoising loss
+        Stage("train", TrainQAT() if qat is not None and recipe.terdit is None
+              else Skip("train_qat", "the recipe has no QAT section" if qat is None else "TerDiT trains its own loop")),
+        # TerDiT: ternary QAT on the denoising loss (the recipe's qat section gives steps and rates)
+        Stage("train", TrainTernary() if qat is not None and recipe.terdit is not None
+              else Skip("train_ternary", "the recipe has no TerDiT section with QAT")),
+        # EfficientDM: distillation from the FP model along its own trajectories
         Stage("train", DistillQALoRA() if qalora is not None else Skip("distill_qalora", no_qalora)),
         # convert: the adapters merged into the weights, the per-layer report, frozen tables, integer weights
         Stage("convert", FoldLoRA() if qalora is not None else Skip("fold_lora", no_qalora)),

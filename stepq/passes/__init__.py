@@ -9,6 +9,7 @@ from stepq.passes.fold_user_lora import FoldUserLoRA
 from stepq.passes.freeze_scale_source import FreezeScaleSource
 from stepq.passes.insert_lora import InsertLoRA
 from stepq.passes.insert_quantizers import InsertQuantizers
+from stepq.passes.insert_rmsnorm import InsertRMSNorm
 from stepq.passes.insert_scale_source import InsertScaleSource
 from stepq.passes.materialize_quantizers import MaterializeQuantizers
 from stepq.passes.quantize_weights import QuantizeWeights
@@ -17,5 +18,6 @@ from stepq.passes.select_bits import SelectBits
 from stepq.passes.specialize_bits import SpecializeBits
 
 __all__ = ["AnnotateLayers", "AttachTimestepTables", "CanonicalizeExport", "CorrectNoise", "FoldLoRA", "FoldUserLoRA",
-           "FreezeScaleSource", "InsertLoRA", "InsertQuantizers", "InsertScaleSource", "MaterializeQuantizers", "QuantizeWeights", "RefreshTables",
+           "FreezeScaleSource", "InsertLoRA", "InsertQuantizers", "InsertRMSNorm", "InsertScaleSource",
+           "MaterializeQuantizers", "QuantizeWeights", "RefreshTables",
            "SelectBits", "SpecializeBits"]

@@ -7,6 +7,9 @@ Weights (static, so their scales are computed here, data-free):
 with ``s_W, z_W`` buffers next to the weight (``<weight>_scale``, ``<weight>_zero_point``) from the
 spec's observer (min-max, percentile or MSE search, per tensor / channel / group).
 
+Ternary weights (``TernarySpec``, TerDiT): ``linear(x, ternary(W, α, axis, eps), b)`` with the learned
+scale ``α`` a buffer ``<weight>_alpha`` initialised to γ = mean|W| (per tensor or output channel).
+
 Activations (data-dependent): the operand is routed through an observer that records its
 statistics along the calibration trajectories and returns it unchanged,
 
@@ -36,7 +39,8 @@ from stepq.compiler import analysis, meta, ops
 from stepq.compiler.graph_utils import fetch_attr, register_tensor, unique_name
 from stepq.compiler.pass_manager import Contract, NodesHave, OpAbsent, Pass, PassResult
 from stepq.compiler.program import Program
-from stepq.recipe.specs import QuantSpec
+from stepq.compiler.ternary_ops import ternary_gamma
+from stepq.recipe.specs import QuantSpec, TernarySpec
 
 __all__ = ["InsertQuantizers", "is_quantizer"]
 
@@ -132,7 +136,7 @@ class InsertQuantizers(Pass):
                     node.update_arg(idx, q)
         return PassResult(count, tuple(details))
 
-    def _weight(self, gm: torch.fx.GraphModule, node: torch.fx.Node, idx: int, spec: QuantSpec,
+    def _weight(self, gm: torch.fx.GraphModule, node: torch.fx.Node, idx: int, spec: QuantSpec | TernarySpec,
                 cache: dict, details: list[str]) -> int:
         w = node.args[idx]
         if not isinstance(w, torch.fx.Node) or is_quantizer(w):
@@ -146,6 +150,22 @@ class InsertQuantizers(Pass):
             node.update_arg(idx, fq)
             return 0
         tensor = fetch_attr(gm, w.target)
+        if isinstance(spec, TernarySpec):
+            a_name = register_tensor(gm, f"{w.target}_alpha", ternary_gamma(tensor.detach(), spec.axis).clone())
+            with gm.graph.inserting_before(node):
+                a_node = gm.graph.get_attr(a_name)
+                fq = gm.graph.call_function(ops.TERNARY, (w, a_node, spec.axis, spec.eps))
+            meta.mark_inserted(a_node)
+        else:
+            fq = self._fake_quant_weight(gm, node, w, tensor, spec)
+        meta.mark_inserted(fq, **{meta.QUANTIZER_ROLE: "weight", meta.ACT_QUANTIZER: str(w.target), meta.QSPEC: spec})
+        fq.meta["val"] = w.meta.get("val")
+        cache[key] = fq
+        node.update_arg(idx, fq)
+        return 1
+
+    def _fake_quant_weight(self, gm: torch.fx.GraphModule, node: torch.fx.Node, w: torch.fx.Node,
+                           tensor: torch.Tensor, spec: QuantSpec) -> torch.fx.Node:
         scale, zp, axis, group = weight_qparams(tensor, spec)
         s_name = register_tensor(gm, f"{w.target}_scale", scale)
         z_name = register_tensor(gm, f"{w.target}_zero_point", zp)
@@ -155,8 +175,4 @@ class InsertQuantizers(Pass):
             fq = gm.graph.call_function(ops.FAKE_QUANT, (w, s_node, z_node, spec.quant_min, spec.quant_max, axis, group))
         for n in (s_node, z_node):
             meta.mark_inserted(n)
-        meta.mark_inserted(fq, **{meta.QUANTIZER_ROLE: "weight", meta.ACT_QUANTIZER: str(w.target), meta.QSPEC: spec})
-        fq.meta["val"] = w.meta.get("val")
-        cache[key] = fq
-        node.update_arg(idx, fq)
-        return 1
+        return fq

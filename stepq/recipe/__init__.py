@@ -19,6 +19,8 @@ from stepq.recipe.specs import (
     QuantSpec,
     Recipe,
     TDQConfig,
+    TerDiTConfig,
+    TernarySpec,
 )
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "QuantSpec",
     "Recipe",
     "TDQConfig",
+    "TerDiTConfig",
+    "TernarySpec",
     "get_preset",
     "preset_names",
     "register_preset",

@@ -40,7 +40,7 @@ from stepq.recipe.specs import (
 )
 
 __all__ = ["activation_spec", "get_preset", "preset_names", "qalora_recipe", "qalora_weight_spec", "register_preset",
-           "static_recipe", "weight_spec"]
+           "static_recipe", "ternary_recipe", "weight_spec"]
 
 _PRESETS: dict[str, Callable[[], Recipe]] = {}
 
@@ -150,3 +150,36 @@ for _w, _a in ((4, 4), (4, 8), (2, 8)):
     for _talsq in (True, False):
         register_preset(f"w{_w}a{_a}-qalora" + ("" if _talsq else "-no-talsq"),
                         (lambda w, a, t: lambda: qalora_recipe(w, a, talsq=t))(_w, _a, _talsq))
+
+
+# -- TerDiT ------------------------------------------------------------------------------------------
+#: the blocks of a DiT-like model (diffusers transformer_blocks / single_transformer_blocks, DiT's blocks)
+TERNARY_BLOCKS = r"(.*\.)?(transformer_blocks|single_transformer_blocks|blocks|layers)\.\d+\..*"
+
+
+def ternary_recipe(name: str, *, rmsnorm: bool = True, packing: Literal["base3", "2bit"] = "base3",
+                   steps: int = 1000, lr: float = 2e-4, scale_lr: float = 1e-4) -> Recipe:
+    """TerDiT: ternary weights (per-tensor γ, learned α) for the linears of the transformer blocks,
+    adaLN modulation linears included; weight-only 8-bit for the patch embedding, the timestep MLP,
+    the final layer and whatever else lies outside the blocks (the authors keep those in float);
+    activations float. ``rmsnorm`` inserts the RMSNorm after each block's adaLN linear."""
+    from stepq.recipe.specs import TerDiTConfig, TernarySpec
+
+    w8 = LayerSpec(weight=weight_spec(8))
+    return Recipe(
+        name=name,
+        rules=(
+            LayerRule(spec=None, ops=frozenset({"attention"}), name="attention-matmuls-float"),
+            LayerRule(spec=w8, roles=frozenset({"input", "output"}), name="io-layers-w8"),
+            LayerRule(spec=w8, roles=frozenset({"timestep_embedding"}), name="timestep-mlp-w8"),
+            LayerRule(spec=LayerSpec(weight=TernarySpec(packing=packing)), pattern=TERNARY_BLOCKS,
+                      ops=frozenset({"linear"}), name="block-linears-ternary"),
+        ),
+        default=w8,
+        qat=QATConfig(steps=steps, lr=lr, scale_lr=scale_lr, batch_size=64),
+        terdit=TerDiTConfig(rmsnorm=rmsnorm),
+    )
+
+
+register_preset("ternary-dit", lambda: ternary_recipe("ternary-dit"))
+register_preset("ternary-dit-no-rmsnorm", lambda: ternary_recipe("ternary-dit-no-rmsnorm", rmsnorm=False))

@@ -37,6 +37,8 @@ __all__ = [
     "QuantSpec",
     "Recipe",
     "TDQConfig",
+    "TerDiTConfig",
+    "TernarySpec",
 ]
 
 #: bump when the serialised form of a Recipe changes incompatibly.
@@ -202,6 +204,55 @@ def _no_unknown(d: Mapping[str, Any], allowed: Iterable[str], where: str) -> Non
         raise RecipeError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
 
 
+@dataclass(frozen=True)
+class TernarySpec:
+    """A ternary weight (TerDiT): W_q = α·clip(round(W/(γ+eps)), −1, 1), γ = mean|W| per tensor or
+    per output channel, α learned (initialised to γ), identity straight-through estimator.
+
+    Weight-only (a layer's activation spec stays None or any QuantSpec). ``packing`` is how the codes
+    are stored at convert: ``"base3"`` (5 per byte, 1.6 bits) or ``"2bit"`` (4 per byte). ``bits`` is
+    the width of the integer grid the codes live on (2), for reports and backends.
+    """
+
+    granularity: PerTensor | PerChannel = field(default_factory=PerTensor)
+    packing: Literal["base3", "2bit"] = "base3"
+    eps: float = 1e-6
+    kind: ClassVar[str] = "ternary"
+    bits: ClassVar[int] = 2
+    quant_min: ClassVar[int] = -1
+    quant_max: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.granularity, PerTensor) or (isinstance(self.granularity, PerChannel)
+                                                           and self.granularity.axis == 0),
+               f"TernarySpec.granularity must be PerTensor() or PerChannel(0), got {self.granularity!r}")
+        _check(self.packing in ("base3", "2bit"), f"TernarySpec.packing must be 'base3' or '2bit', got {self.packing!r}")
+        _check(self.eps > 0, f"TernarySpec.eps must be > 0, got {self.eps}")
+
+    @property
+    def axis(self) -> int | None:
+        return None if isinstance(self.granularity, PerTensor) else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "packing": self.packing, "eps": self.eps,
+                "granularity": {"kind": self.granularity.kind, **dataclasses.asdict(self.granularity)}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TernarySpec:
+        d = dict(d)
+        d.pop("kind", None)
+        gran = _tagged(d.pop("granularity", {"kind": "per_tensor"}), _GRANULARITIES, "granularity")
+        _no_unknown(d, {"packing", "eps"}, "TernarySpec")
+        return cls(granularity=gran, **d)
+
+
+WeightSpec = QuantSpec | TernarySpec
+
+
+def _weight_from_dict(d: Mapping[str, Any]) -> WeightSpec:
+    return TernarySpec.from_dict(d) if d.get("kind") == TernarySpec.kind else QuantSpec.from_dict(d)
+
+
 # ---------------------------------------------------------------------------------------------
 # layer spec and rules
 
@@ -211,12 +262,12 @@ class LayerSpec:
     """What to do with one quantizable op: a weight spec and an input-activation spec (either may
     be None = leave that operand in floating point)."""
 
-    weight: QuantSpec | None = None
+    weight: QuantSpec | TernarySpec | None = None
     activation: QuantSpec | None = None
 
     def __post_init__(self) -> None:
-        _check(self.weight is None or isinstance(self.weight, QuantSpec),
-               f"LayerSpec.weight must be a QuantSpec or None, got {self.weight!r}")
+        _check(self.weight is None or isinstance(self.weight, (QuantSpec, TernarySpec)),
+               f"LayerSpec.weight must be a QuantSpec, a TernarySpec or None, got {self.weight!r}")
         _check(self.activation is None or isinstance(self.activation, QuantSpec),
                f"LayerSpec.activation must be a QuantSpec or None, got {self.activation!r}")
         if self.activation is not None:
@@ -242,7 +293,7 @@ class LayerSpec:
             return None
         _no_unknown(d, {"weight", "activation"}, "LayerSpec")
         w, a = d.get("weight"), d.get("activation")
-        return cls(weight=None if w is None else QuantSpec.from_dict(w),
+        return cls(weight=None if w is None else _weight_from_dict(w),
                    activation=None if a is None else QuantSpec.from_dict(a))
 
 
@@ -472,6 +523,23 @@ class QALoRAConfig(_Section):
 
 
 @dataclass(frozen=True)
+class TerDiTConfig(_Section):
+    """TerDiT (ternary DiT): ``rmsnorm`` inserts an RMSNorm (weight initialised to 1, ``rmsnorm_eps``)
+    over every block's adaLN modulation output before its chunk into shift / scale / gate
+    (``stepq.passes.insert_rmsnorm``); the ternary weights themselves are ``TernarySpec`` rules, and
+    the training settings are the recipe's ``qat`` section (steps, lr for weights, ``scale_lr`` for α)."""
+
+    rmsnorm: bool = True
+    rmsnorm_eps: float = 1e-6
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.rmsnorm_eps > 0, f"TerDiTConfig.rmsnorm_eps must be > 0, got {self.rmsnorm_eps}")
+        _check(self.grad_clip is None or self.grad_clip > 0,
+               f"TerDiTConfig.grad_clip must be None or > 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """An ordered rule list, a default, and the settings the method passes read.
 
@@ -490,6 +558,7 @@ class Recipe:
     ptqd: PTQDConfig | None = None
     qalora: QALoRAConfig | None = None
     version: int = RECIPE_VERSION
+    terdit: TerDiTConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
@@ -501,6 +570,8 @@ class Recipe:
                f"Recipe.qalora must be a QALoRAConfig or None, got {self.qalora!r}")
         _check(self.qalora is None or self.qat is None,
                "Recipe: qalora (distillation of adapters) and qat (LSQ on the denoising loss) both train; pick one")
+        _check(self.terdit is None or isinstance(self.terdit, TerDiTConfig),
+               f"Recipe.terdit must be a TerDiTConfig or None, got {self.terdit!r}")
         _check(isinstance(self.name, str) and bool(self.name), "Recipe.name must be a non-empty string")
         for i, r in enumerate(self.rules):
             _check(isinstance(r, LayerRule), f"Recipe.rules[{i}] must be a LayerRule, got {type(r).__name__}")
@@ -540,15 +611,15 @@ class Recipe:
             "tdq": None if self.tdq is None else self.tdq.to_dict(),
             "qat": None if self.qat is None else self.qat.to_dict(),
             "ptqd": None if self.ptqd is None else self.ptqd.to_dict(),
-            "qalora": None if self.qalora is None else self.qalora.to_dict(),
-        }
+        } | ({} if self.qalora is None else {"qalora": self.qalora.to_dict()}) \
+          | ({} if self.terdit is None else {"terdit": self.terdit.to_dict()})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
         if not isinstance(d, Mapping):
             raise RecipeError(f"a recipe must be a mapping, got {type(d).__name__}")
         _no_unknown(d, {"version", "name", "num_train_timesteps", "timestep_policy", "rules", "default", "tdq", "qat",
-                          "ptqd", "qalora"},
+                          "ptqd", "qalora", "terdit"},
                     "Recipe")
         version = d.get("version", RECIPE_VERSION)
         if version != RECIPE_VERSION:
@@ -564,4 +635,5 @@ class Recipe:
             ptqd=PTQDConfig.from_dict(d.get("ptqd")),
             qalora=QALoRAConfig.from_dict(d.get("qalora")),
             version=version,
+            terdit=TerDiTConfig.from_dict(d.get("terdit")),
         )

@@ -48,6 +48,7 @@ from stepq.recipe.specs import (
     QuantSpec,
     Recipe,
     TDQConfig,
+    TernarySpec,
 )
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
 
@@ -65,6 +66,7 @@ __all__ = [
     "shorten",
     "static_recipes",
     "tdq_recipes",
+    "ternary_specs",
     "timesteps",
 ]
 
@@ -259,9 +261,16 @@ def quant_specs(kind: str = "weight") -> st.SearchStrategy[QuantSpec]:
                      st.integers(2, 8), grid, granularity, observers)
 
 
+def ternary_specs() -> st.SearchStrategy[TernarySpec]:
+    """Valid TerDiT ternary weight specs (per tensor or per output channel, either packing)."""
+    return st.builds(TernarySpec, granularity=st.sampled_from([PerTensor(), PerChannel(0)]),
+                     packing=st.sampled_from(["base3", "2bit"]))
+
+
 def layer_specs(*, allow_float: bool = True) -> st.SearchStrategy[LayerSpec]:
-    """A weight spec, an activation spec, either or both (``allow_float``: possibly neither)."""
-    w = st.one_of(st.none(), quant_specs("weight"))
+    """A weight spec (integer or ternary), an activation spec, either or both (``allow_float``:
+    possibly neither)."""
+    w = st.one_of(st.none(), quant_specs("weight"), ternary_specs())
     a = st.one_of(st.none(), quant_specs("activation"))
     spec = st.builds(LayerSpec, weight=w, activation=a)
     return spec if allow_float else spec.filter(lambda s: not s.is_float)

@@ -10,7 +10,9 @@ Models (all on scikit-learn's digits, 16×16, values in [−1, 1], see :mod:`ste
 - ``digits-dit``: a diffusers ``DiTTransformer2DModel`` with adaLN-Zero, predicting ε, conditioned on
   the class (label ``NULL_CLASS`` = 10 is the unconditional label of classifier-free guidance);
 - ``digits-classifier``: :class:`~stepq.zoo.classifier.DigitClassifier`, whose features and
-  predictions score samples (:mod:`stepq.metrics`).
+  predictions score samples (:mod:`stepq.metrics`);
+- ``digits-dit-ternary``: the digits DiT after TerDiT's ternary QAT (preset ``ternary-dit``, weights
+  packed base-3), a stepq artefact: ``load`` returns the ``QuantizedModel`` (docs/TERDIT.md).
 
 Each model is two files in ``checkpoints/``: ``<name>.safetensors`` (the weights, EMA weights for
 the diffusion models) and ``<name>.json`` (the architecture config, the training scheduler's config,
@@ -25,6 +27,7 @@ would be conditional in some blocks and unconditional in others. Training replac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -64,6 +67,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 MODELS = ("digits-ddpm", "digits-dit", "digits-classifier")
+#: compiled models shipped as stepq artefacts (a directory ``checkpoints/<name>/``), with the FP model they came from
+ARTEFACTS = {"digits-dit-ternary": "digits-dit"}
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES
 FORMAT_VERSION = 1
@@ -83,12 +88,12 @@ class CheckpointError(ArtifactError):
 
 def available() -> tuple[str, ...]:
     """Names of the models the zoo knows."""
-    return MODELS
+    return MODELS + tuple(ARTEFACTS)
 
 
 def _check_name(name: str) -> None:
-    if name not in MODELS:
-        raise UnknownModelError(f"unknown zoo model {name!r}; available: {', '.join(MODELS)}")
+    if name not in MODELS and name not in ARTEFACTS:
+        raise UnknownModelError(f"unknown zoo model {name!r}; available: {', '.join(available())}")
 
 
 def checkpoint_paths(name: str, directory: str | Path | None = None) -> tuple[Path, Path]:
@@ -148,10 +153,21 @@ def build_model(model_class: str, config: Mapping[str, Any]) -> nn.Module:
 
 
 def load(name: str, directory: str | Path | None = None) -> nn.Module:
-    """The trained model ``name`` in eval mode (CPU, float32); reads only the local checkpoint."""
+    """The trained model ``name`` in eval mode (CPU, float32); reads only the local checkpoint. A compiled
+    model (``ARTEFACTS``: ``digits-dit-ternary``) is returned as the ``stepq.QuantizedModel`` it was saved as."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if name in ARTEFACTS:
+        _check_name(name)
+        path = Path(directory) / name if directory is not None else CHECKPOINT_DIR / name
+        if not (path / "manifest.json").is_file():
+            raise CheckpointError(f"compiled model {path} is missing; rebuild it with "
+                                  "`python benchmarks/terdit.py ship`")
+        # the one upward import of the zoo (tests/test_layering.py): a shipped artefact is a QuantizedModel
+        from stepq.artifact.quantized_model import load as load_artefact
+
+        return load_artefact(str(path))
     cfg = read_config(name, directory)
     weights, _ = checkpoint_paths(name, directory)
     if not weights.is_file():
@@ -214,6 +230,8 @@ def entry(name: str, directory: str | Path | None = None) -> ZooEntry:
     from diffusers import DDPMScheduler
 
     _check_name(name)
+    if name in ARTEFACTS:  # a compiled model samples like the model it came from
+        return dataclasses.replace(entry(ARTEFACTS[name], directory), name=name)
     if name not in _DENOISERS:
         raise ValueError(f"{name!r} is not a diffusion model; entries exist for {', '.join(_DENOISERS)}")
     cfg = read_config(name, directory)

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 #: stepq ops that must not survive lowering (timestep_index has its own translation).
-_CORE_OPS = (ops.FAKE_QUANT, ops.QUANTIZE, ops.DEQUANTIZE, ops.UNPACK)
+_CORE_OPS = (ops.FAKE_QUANT, ops.QUANTIZE, ops.DEQUANTIZE, ops.UNPACK, ops.UNPACK_BASE3, ops.TERNARY)
 
 
 @dataclass
@@ -152,7 +152,7 @@ class _Lowering:
     def _wname(w: WeightQuant) -> str:
         src = w.node.args[0]
         assert isinstance(src, torch.fx.Node)
-        if src.target is ops.UNPACK:
+        if src.target in (ops.UNPACK, ops.UNPACK_BASE3):
             src = cast(torch.fx.Node, src.args[0])
         return str(src.target).removesuffix("_int8").removesuffix("_uint8")
 
@@ -194,7 +194,9 @@ class _Lowering:
         block = nbits_block_size(w)
         assert isinstance(block, int)
         packed, blocks = onnx_ops.nbits_pack(w.q, w.bits, block)
-        s = w.scale.detach().float().reshape(n, -1)
+        s = w.scale.detach().float().reshape(-1)
+        s = s.expand(n) if s.numel() == 1 else s  # one scale per tensor (a ternary α): the same in every block
+        s = s.reshape(n, -1)
         if s.shape[1] == 1:
             s = s.expand(n, blocks)
         name = self._wname(w)

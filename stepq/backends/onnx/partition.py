@@ -12,7 +12,7 @@ order; the first that takes a node tags it):
 | activation_qdq | any other fake_quant | QuantizeLinear → DequantizeLinear | float consumer |
 | weight_integer | dequantize whose every consumer is an integer placement | the integer initializer (INT4 + Cast at 4 bits) | – |
 | weight_dequantize | any other dequantize | DequantizeLinear from an INT8 / INT4 initializer | float consumer |
-| weight_unpack | unpack feeding a dequantize | folded into the initializer | – |
+| weight_unpack | unpack (or a ternary weight's unpack_base3) feeding a dequantize | folded into the initializer | – |
 | timestep_index | timestep_index(t, T, scale) | Cast · scale → Round → Cast → Clip[0, T−1] | – |
 | timestep_gather | a timestep gather (``stepq.compiler.timesteps.match_timestep_gather``: index(table, [i]) or index(table, [select(i, 0, 0)])) | Gather(table, i[0]) (batch shares the first timestep) | – |
 
@@ -31,7 +31,7 @@ import torch
 import torch.fx
 
 from stepq.backends.base import Partitioner, Placement
-from stepq.compiler import ops
+from stepq.compiler import ops, ternary_ops
 from stepq.compiler.graph_utils import fetch_attr
 from stepq.compiler.timesteps import match_timestep_gather
 
@@ -134,6 +134,12 @@ def weight_quant(node: object) -> WeightQuant | str:
         if packed is None:
             return "the packed weight is not a constant"
         q = ops.unpack(packed, bits, signed, shape)
+    elif isinstance(src, torch.fx.Node) and src.target is ops.UNPACK_BASE3:  # ternary codes, 5 per byte
+        packed = _attr(src.args[0])
+        if packed is None:
+            return "the packed weight is not a constant"
+        q = ternary_ops.unpack_base3(packed, [int(d) for d in cast("list[int]", src.args[1])])
+        bits, signed = 2, True
     else:
         q_attr = _attr(src)
         if q_attr is None or q_attr.dtype not in (torch.int8, torch.uint8):
@@ -286,7 +292,7 @@ TABLE = (
               integer=True, description="integer weight read by an integer kernel"),
     Placement("weight_dequantize", frozenset({ops.DEQUANTIZE}), _always, "DequantizeLinear(INT8/INT4 initializer)",
               integer=False, description="integer weight read by a float kernel"),
-    Placement("weight_unpack", frozenset({ops.UNPACK}), _unpack_feeds_dequantize, "folded into the initializer",
+    Placement("weight_unpack", frozenset({ops.UNPACK, ops.UNPACK_BASE3}), _unpack_feeds_dequantize, "folded into the initializer",
               integer=False),
     Placement("timestep_index", frozenset({ops.TIMESTEP_INDEX}), _always, "Cast·scale → Round → Cast → Clip",
               integer=False, description="ONNX cannot raise: out-of-range timesteps clamp"),
