@@ -36,7 +36,8 @@ def test_report_rows_and_output_layer_sqnr(capsys):
 def test_pipeline_lists_every_stage_in_order_and_skips_with_a_reason(caplog):
     stages = build_pipeline(stepq.get_preset("w8a8"))
     ran = [(s.phase, s.name) for s in stages if not isinstance(s.item, Skip)]
-    assert ran == [("prepare", "canonicalize_export"), ("prepare", "annotate_layers"), ("prepare", "insert_quantizers"),
+    assert ran == [("prepare", "canonicalize_export"), ("prepare", "fold_user_lora"), ("prepare", "annotate_layers"),
+                   ("prepare", "insert_quantizers"),
                    ("calibrate", "observe"), ("calibrate", "materialize_quantizers"), ("convert", "report"),
                    ("convert", "attach_timestep_tables"), ("convert", "quantize_weights")]
     skipped = {s.name: s.item.reason for s in stages if isinstance(s.item, Skip)}
@@ -51,7 +52,14 @@ def test_pipeline_lists_every_stage_in_order_and_skips_with_a_reason(caplog):
                        "choose_bits": "the recipe has no PTQD mixed precision",
                        "measure_noise": "the recipe has no PTQD section",
                        "insert_rmsnorm": "the recipe has no TerDiT section with rmsnorm",
-                       "train_ternary": "the recipe has no TerDiT section with QAT"}
+                       "train_ternary": "the recipe has no TerDiT section with QAT",
+                       "insert_lora": "the recipe has no QALoRA section",
+                       "distill_qalora": "the recipe has no QALoRA section",
+                       "fold_lora": "the recipe has no QALoRA section"}
+    # EfficientDM's stages: TALSQ's source and the adapters in calibrate, the fold first in convert
+    names = [s.name for s in build_pipeline(stepq.get_preset("w4a4-qalora")) if not isinstance(s.item, Skip)]
+    assert names.index("insert_scale_source") < names.index("insert_lora") < names.index("distill_qalora") \
+        < names.index("fold_lora") < names.index("freeze_scale_source") < names.index("quantize_weights")
     float_prepare = {s.name: s.item for s in build_pipeline(Recipe(name="float")) if s.phase == "prepare"}
     skip = float_prepare["insert_quantizers"]
     assert isinstance(skip, Skip) and "floating point" in skip.reason
@@ -89,7 +97,7 @@ def test_failing_pass_is_named_with_the_passes_before_it():
     passes = [s.item for s in build_pipeline(stepq.get_preset("w8a8"))[:2]] + [_Boom()]
     prog.recipe = stepq.get_preset("w8a8")
     with pytest.raises(stepq.PassError, match=r"pass 'boom' failed: ValueError: bad node foo \(after the following "
-                                              r"passes: canonicalize_export, annotate_layers\)"):
+                                              r"passes: canonicalize_export, fold_user_lora\)"):
         run_passes(prog, passes)
 
 
