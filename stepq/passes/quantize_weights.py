@@ -46,6 +46,16 @@ def _stored_weight_fake_quant(node: torch.fx.Node) -> bool:
             and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "get_attr")
 
 
+def _replace(gm: torch.fx.GraphModule, fq: torch.fx.Node, w_node: torch.fx.Node, dq: torch.fx.Node) -> None:
+    """``dq`` takes the place of the weight quantizer ``fq``; the float weight goes when nothing else reads it."""
+    dq.meta["val"] = fq.meta.get("val")
+    fq.replace_all_uses_with(dq)
+    gm.graph.erase_node(fq)
+    if not w_node.users:
+        gm.graph.erase_node(w_node)
+        delete_attr(gm, w_node.target)
+
+
 class QuantizeWeights(Pass):
     name = "quantize_weights"
     contract = Contract(
@@ -88,12 +98,7 @@ class QuantizeWeights(Pass):
                 dq = graph.call_function(ops.DEQUANTIZE, (q_node, s_node, z_node, axis, group, w.dtype))
             meta.mark_inserted(dq, **{meta.QUANTIZER_ROLE: "weight_dequant", meta.ACT_QUANTIZER: str(w_node.target),
                                       meta.WEIGHT_BITS: bits})
-            dq.meta["val"] = node.meta.get("val")
-            node.replace_all_uses_with(dq)
-            graph.erase_node(node)
-            if not w_node.users:
-                graph.erase_node(w_node)
-                delete_attr(gm, w_node.target)
+            _replace(gm, node, w_node, dq)
             count += 1
         return PassResult(count)
 
@@ -126,10 +131,5 @@ def _store_ternary(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
         meta.mark_inserted(n)
     meta.mark_inserted(dq, **{meta.QUANTIZER_ROLE: "weight_dequant", meta.ACT_QUANTIZER: str(w_node.target),
                               meta.WEIGHT_BITS: 2, meta.QSPEC: spec})
-    dq.meta["val"] = node.meta.get("val")
-    node.replace_all_uses_with(dq)
-    graph.erase_node(node)
-    if not w_node.users:
-        graph.erase_node(w_node)
-        delete_attr(gm, w_node.target)
+    _replace(gm, node, w_node, dq)
     return 1

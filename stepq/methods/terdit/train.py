@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from stepq.calibration.samplers import model_output
 from stepq.compiler import ops
 from stepq.compiler.errors import PreconditionError, RecipeError
+from stepq.compiler.graph_utils import as_parameter
 from stepq.compiler.pass_manager import CompileInputs, Contract, PassResult, RecipeHas, StageIs, Step
 from stepq.compiler.program import Program
 
@@ -51,14 +52,7 @@ def ternary_scales(prog: Program) -> list[torch.nn.Parameter]:
         if not isinstance(a, torch.fx.Node) or a.op != "get_attr" or a.target in seen:
             continue
         seen.add(str(a.target))
-        *path, leaf = str(a.target).split(".")
-        mod = gm.get_submodule(".".join(path)) if path else gm
-        t = getattr(mod, leaf)
-        if not isinstance(t, torch.nn.Parameter):
-            del mod._buffers[leaf]
-            t = torch.nn.Parameter(t.detach().clone())
-            mod.register_parameter(leaf, t)
-        out.append(t)
+        out.append(as_parameter(gm, str(a.target)))
     return out
 
 
