@@ -52,6 +52,10 @@ ABLATION = {
     "QALoRA + scale-aware lr + TALSQ (w4a4-qalora)": "w4a4-qalora",
 }
 BITS = ["w4a4-qalora", "w4a8-qalora", "w2a8-qalora"]
+#: longer distillation (run only when named in --configs): how far more steps close the gap to QAT
+LONGER = {
+    "QALoRA + TALSQ, 1600 steps (w4a4-qalora, steps=1600)": ("w4a4-qalora", {"steps": 1600}),
+}
 
 
 def _recipe(spec: str | tuple[str, dict[str, Any]]) -> stepq.Recipe:
@@ -59,7 +63,8 @@ def _recipe(spec: str | tuple[str, dict[str, Any]]) -> stepq.Recipe:
         return stepq.get_preset(spec)
     name, changes = spec
     r = stepq.get_preset(name)
-    return r.replace(name=f"{name}-flat-lr", qalora=r.qalora.replace(**changes))  # type: ignore[union-attr]
+    tag = "-".join(f"{k.replace('_', '-')}-{v}" for k, v in changes.items())
+    return r.replace(name=f"{name}-{tag}", qalora=r.qalora.replace(**changes))  # type: ignore[union-attr]
 
 
 def part_table(n: int, models: list[str], samplers: list[str], configs: list[str]) -> None:
@@ -71,6 +76,10 @@ def part_table(n: int, models: list[str], samplers: list[str], configs: list[str
         else:
             rows.append(f"stepq {spec}")
     rows += [f"stepq {b}" for b in BITS]
+    for label, spec in LONGER.items():
+        if label in configs:
+            quality.ROWS[label] = quality.stepq_row(_recipe(spec))
+            rows.append(label)
     rows = [r for r in dict.fromkeys(rows) if not configs or r in configs or r.removeprefix("stepq ") in configs]
     quality.main(["--models", *models, "--configs", "fp32", *rows, "--samplers", *samplers, "--n", str(n),
                   "--out", str(OUT / "efficientdm"), "--grids", str(OUT / "grids_efficientdm"), "--merge"])
@@ -90,6 +99,7 @@ def _train_one(model_name: str, preset: str, out: Path) -> None:
     prog = stepq.prepare(prog, recipe, inplace=True)
     stepq.calibrate(prog, calib, progress=False)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if recipe.qat is not None:
         ctx = quality.Context(model_name, model, entry, calib, calib[0], Path("/tmp"))
@@ -99,11 +109,14 @@ def _train_one(model_name: str, preset: str, out: Path) -> None:
         stepq.train(prog, fp_model=model, sampling=calib.sampling, progress=False)
         curve = prog.state.distill_curve
     train_s = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)  # robust to other load on the machine
     qm = stepq.convert(prog, inplace=True)
     tables = {k: v.scale for k, v in qm.program.state.timestep_tables.items()}
     save_file({k: v.contiguous() for k, v in tables.items()}, str(out.with_suffix(".safetensors")))
     out.write_text(json.dumps({
-        "model": model_name, "preset": preset, "train_s": round(train_s, 1), "steps": len(curve or []),
+        "model": model_name, "preset": preset, "train_s": round(train_s, 1), "train_cpu_s": round(cpu_s, 1),
+        "steps": len(curve or []),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rss_before_train_mb": round(rss_before / 1024, 1), "curve": curve,
         "threads": torch.get_num_threads()}))
@@ -117,7 +130,8 @@ def part_cost(models: list[str], presets: list[str]) -> list[dict[str, Any]]:
             cmd = [sys.executable, __file__, "--train-one", f"digits-{short}", preset, str(out)]
             subprocess.run(cmd, check=True)
             r = json.loads(out.read_text())
-            print(f"{short} {preset}: train {r['train_s']} s ({r['steps']} steps), peak RSS {r['peak_rss_mb']} MB",
+            print(f"{short} {preset}: train {r['train_s']} s wall, {r['train_cpu_s']} CPU-s ({r['steps']} steps), "
+                  f"peak RSS {r['peak_rss_mb']} MB",
                   flush=True)
             results.append(r)
     path = OUT / "efficientdm_cost.json"
