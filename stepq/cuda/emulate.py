@@ -33,8 +33,8 @@ __all__ = [
     "N_ALIGN",
     "conv2d_w8a8",
     "decode",
-    "gemm_weight_only",
     "dequantize_weight",
+    "gemm_weight_only",
     "im2col",
     "linear_w8a8",
     "linear_weight_only",
@@ -195,7 +195,7 @@ def conv2d_w8a8(x: Tensor, w: Tensor, rowsum: Tensor, w_scale: Tensor, bias: Ten
                 a_zero_point: Tensor, index: Tensor | None, qmin: int, qmax: int, shift: int, kh: int, kw: int,
                 stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
     """y [B, O, OH, OW]: quantize_act over the whole input, im2col, the W8A8 GEMM, NCHW."""
-    b, c, h, wd = x.shape
+    b, _, h, wd = x.shape
     n = w_scale.numel()
     xq = quantize_act(x.reshape(1, -1), a_scale, a_zero_point, index, qmin, qmax, shift, x.numel()).reshape(x.shape)
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
