@@ -66,8 +66,8 @@ def test_conv2d_w8a8_bit_for_bit(shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fmt", list(E.FORMATS))
-@pytest.mark.parametrize("m", ROWS)
-@pytest.mark.parametrize(("k", "n", "gs"), [(37, 11, 7), (1152, 1152, 128), (4608, 1152, 0), (1152, 4608, 32)])
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 256])
+@pytest.mark.parametrize(("k", "n", "gs"), [(37, 11, 7), (4608, 1152, 128), (1152, 4608, 0)])
 def test_weight_only_linear_against_emulation(fmt, m, k, n, gs, dtype):
     from test_cuda_emulation import _packed
 
@@ -86,9 +86,10 @@ def test_weight_only_linear_against_emulation(fmt, m, k, n, gs, dtype):
         assert torch.equal(y_gpu, y_cpu)
     else:  # dequantize_weight (bit for bit) + cuBLAS (its own order)
         w = E.dequantize_weight(p, s, z, fmt, n, k, sn, gs, dtype).float()
-        bound = (k + 4) * 2.0 ** -24 * (x.float().abs() @ w.abs().T) + 2.0 ** -24 * bias.abs()
-        if dtype == torch.float16:  # cuBLAS may accumulate in fp16 steps of its own; rounding of the output
-            bound = bound * 2 ** 13 / k + 2.0 ** -10 * y_cpu.float().abs()
+        mag = x.float().abs() @ w.abs().T + bias.abs()
+        bound = (k + 4) * 2.0 ** -24 * mag
+        if dtype == torch.float16:  # both round the output to fp16 (≤ 1 ulp apart); cuBLAS may reduce split-K
+            bound = 2.0 ** -10 * y_cpu.float().abs() + 2.0 ** -11 * mag  # partial sums in fp16 (torch's default)
         assert ((y_gpu.float() - y_cpu.float()).abs() <= bound + 1e-6).all()
 
 
