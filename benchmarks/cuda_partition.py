@@ -1,7 +1,7 @@
 """The CuPy backend's partition tables: which node of which model lowers to which kernel, and why the
 others do not. Runs on the CPU (partitioning needs no GPU).
 
-    python benchmarks/cuda_partition.py                       # digits UNet and DiT (zoo), W8A8 / W4A8 / ternary
+    python benchmarks/cuda_partition.py                       # digits UNet and DiT (zoo), W8A8 / W4A16 / ternary
     python benchmarks/cuda_partition.py --dit-xl              # + a DiT-XL/2-size model (random weights, ~3 GB)
 
 Prints one table per (model, recipe): the count per placement, then each distinct (placement or
@@ -86,12 +86,13 @@ def main() -> None:
     results = {}
     unet = zoo.load("digits-ddpm")
     dit = zoo.load("digits-dit")
-    for recipe in ("w8a8", "w4a8"):
-        results[f"digits-ddpm {recipe}"] = table(compile_model(unet, lambda b, t, s: unet_inputs(unet.config, b, t, s), recipe),
-                                                 f"digits UNet (digits-ddpm), {recipe}")
-        results[f"digits-dit {recipe}"] = table(
+    for recipe in ("w8a8", W4A16):
+        name = recipe if isinstance(recipe, str) else recipe.name
+        results[f"digits-ddpm {name}"] = table(compile_model(unet, lambda b, t, s: unet_inputs(unet.config, b, t, s), recipe),
+                                                 f"digits UNet (digits-ddpm), {name}")
+        results[f"digits-dit {name}"] = table(
             compile_model(dit, lambda b, t, s: dit_inputs(dit.config, b, t, s, zoo.NUM_CLASSES + 1), recipe),
-            f"digits DiT (digits-dit), {recipe}")
+            f"digits DiT (digits-dit), {name}")
     results["digits-dit-ternary (shipped)"] = table(zoo.load("digits-dit-ternary"), "digits DiT ternary (the shipped digits-dit-ternary)")
     if args.dit_xl:
         from diffusers import DiTTransformer2DModel
