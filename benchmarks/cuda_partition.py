@@ -22,6 +22,7 @@ import torch
 import stepq
 from stepq import zoo
 from stepq.backends import get_backend
+from stepq.backends.cupy import ops as cupy_ops
 from stepq.compiler import meta
 from stepq.recipe import LayerRule, LayerSpec, PerGroup, QuantSpec, Recipe, TernarySpec
 
@@ -57,10 +58,15 @@ def table(qm, title: str) -> dict:
     low = BE.lower(qm)
     part = low.partition
     lines: dict[str, list[str]] = defaultdict(list)
-    name_of = {n.name: n.meta.get(meta.LAYER) or n.name for n in qm.gm.graph.nodes}
-    for node, placement in part.tags.items():
-        if placement != "timestep_index":
-            lines[placement].append(name_of.get(node, node))
+    for n in low.gm.graph.nodes:
+        layer = n.meta.get(meta.LAYER) or n.name
+        if n.target is cupy_ops.LINEAR_WEIGHT_ONLY:
+            fmt, gs = n.args[5], n.args[9]
+            lines[f"linear_weight_only ({fmt}{f', groups of {gs}' if gs else ''})"].append(layer)
+        elif n.target is cupy_ops.LINEAR_W8A8:
+            lines["linear_w8a8" + (" (timestep table)" if n.args[7] is not None else "")].append(layer)
+        elif n.target is cupy_ops.CONV2D_W8A8:
+            lines["conv2d_w8a8" + (" (timestep table)" if n.args[7] is not None else "")].append(layer)
     for r in part.rejections:
         lines["left in PyTorch: " + "; ".join(r.reasons)].append(r.layer or r.node)
     print(f"\n### {title}\n")

@@ -128,6 +128,9 @@ def test_weight_only_formats_lower_and_match(weight, fmt):
     low = BE.lower(qm)
     lowered = [n for n in low.gm.graph.nodes if n.target is cupy_ops.LINEAR_WEIGHT_ONLY]
     assert lowered and {n.args[5] for n in lowered} == {fmt}
+    [conv] = [r for r in low.partition.rejections if r.target == "conv2d.default"]  # the patch embedding
+    assert conv.reasons == ("conv2d_w8a8: the activation is not quantized (no fake_quant); "
+                            "there is no weight-only convolution kernel",)
     if isinstance(weight, QuantSpec) and isinstance(weight.granularity, PerGroup):
         assert all(n.args[9] == 16 for n in lowered)
     with torch.no_grad():

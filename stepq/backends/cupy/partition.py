@@ -100,6 +100,8 @@ def match_linear_w8a8(node: torch.fx.Node) -> str | None:
 def match_conv2d_w8a8(node: torch.fx.Node) -> str | None:
     o = w8a8_operands(node)
     if isinstance(o, str):
+        if isinstance(act_quant(node.args[0]), str):
+            return f"{o}; there is no weight-only convolution kernel"
         return o
     _, _, _, groups = conv_args(node)
     if groups != 1:
