@@ -24,6 +24,18 @@ def test_kernel_compiles_to_a_cubin_with_every_entry_point(name, arch):
     assert not missing, f"{name} for {arch} lacks the entry points {missing}"
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ["w8a8.cu", "weight_only.cu"])
+def test_gemv_accumulators_stay_in_registers(name, arch):
+    # the per-row accumulators are register arrays indexed in unrolled loops: a stack frame or a
+    # spill would mean local memory in the inner loop
+    res = compile_mod.resources(name, arch)
+    assert set(res) == set(KERNELS[name])
+    for entry, r in res.items():
+        assert (r.stack_bytes, r.spill_store_bytes, r.spill_load_bytes) == (0, 0, 0), (entry, r)
+        assert r.registers <= 64, (entry, r)  # ≤ 64: four 256-thread blocks per SM (half occupancy) at least
+
+
 def test_sources_include_no_header():
     # the kernels build with any NVRTC, bundled headers or not, and with no CUDA toolkit on the machine
     assert all("#include" not in source(n) for n in KERNELS)

@@ -13,12 +13,14 @@ A compile error raises ``KernelCompileError`` with NVRTC's log.
 
 from __future__ import annotations
 
+import io
 import re
+from dataclasses import dataclass
 
 from stepq.compiler.errors import KernelCompileError, KernelError
 from stepq.cuda import KERNELS, source
 
-__all__ = ["compile_all", "compile_cubin", "compile_source", "nvrtc_version"]
+__all__ = ["KernelResources", "compile_all", "compile_cubin", "compile_source", "nvrtc_version", "resources"]
 
 _ARCH = re.compile(r"^sm_\d{2,3}[a-z]?$")
 
@@ -31,7 +33,17 @@ def nvrtc_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def compile_source(text: str, arch: str, name: str = "kernel.cu") -> bytes:
+@dataclass(frozen=True)
+class KernelResources:
+    """What ptxas reports for one entry point."""
+
+    registers: int
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+
+
+def compile_source(text: str, arch: str, name: str = "kernel.cu", *, log: io.StringIO | None = None) -> bytes:
     """A cubin for ``arch`` (``sm_80``, ``sm_90``, ...) from CUDA C++ ``text``."""
     if not _ARCH.match(arch):
         raise ValueError(f"arch {arch!r} is not a real architecture such as 'sm_80' (a cubin needs one)")
@@ -41,7 +53,8 @@ def compile_source(text: str, arch: str, name: str = "kernel.cu") -> bytes:
         raise KernelError("compiling the CUDA kernels needs cuda-core and the nvidia-cuda-nvrtc wheel "
                           "(pip install 'stepq[cuda-compile]')") from e
     try:
-        obj = Program(text, "c++", ProgramOptions(arch=arch, name=name)).compile("cubin")
+        options = ProgramOptions(arch=arch, name=name, ptxas_options="-v" if log is not None else None)
+        obj = Program(text, "c++", options).compile("cubin", logs=log)
     except Exception as e:  # cuda-core's NVRTCError: its message carries the compilation log
         if type(e).__name__ != "NVRTCError":
             raise
@@ -59,3 +72,25 @@ def compile_cubin(name: str, arch: str) -> bytes:
 def compile_all(arch: str) -> dict[str, bytes]:
     """Every kernel file's cubin for ``arch``."""
     return {name: compile_cubin(name, arch) for name in KERNELS}
+
+
+_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+def resources(name: str, arch: str) -> dict[str, KernelResources]:
+    """ptxas's report (``-v``) for every entry point of kernel file ``name``: registers, stack, spills."""
+    log = io.StringIO()
+    compile_source(source(name), arch, name, log=log)
+    out: dict[str, KernelResources] = {}
+    entry, frame = None, None
+    for line in log.getvalue().splitlines():
+        if m := _ENTRY.search(line):
+            entry, frame = m.group(1), None
+        elif (m := _FRAME.search(line)) and entry:
+            frame = tuple(int(g) for g in m.groups())
+        elif (m := _REGS.search(line)) and entry and frame is not None:
+            out[entry] = KernelResources(int(m.group(1)), *frame)
+            entry = None
+    return out
