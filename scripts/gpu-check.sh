@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA device, in one run (< 8 minutes on one A100 / H100 / H200):
+# The checks that need a CUDA device, in one run (each step has a timeout; 8 minutes at most in all):
 #   1. the gpu-marked tests: every kernel against its CPU emulation (bit for bit where the emulation
 #      follows the kernel's order), no host synchronisation, lowered models against the reference;
 #   2. benchmarks/cuda_kernels.py: GEMV bandwidth vs the device's peak and GEMM vs torch fp16 at
@@ -30,14 +30,14 @@ PY
 
 status=0
 echo "== 1/3 gpu tests"
-timeout 240 "$PYTHON" -m pytest tests/test_cuda_gpu.py -m gpu -q -p no:cacheprovider -x \
+timeout 180 "$PYTHON" -m pytest tests/test_cuda_gpu.py -m gpu -q -p no:cacheprovider -x \
     --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" | tail -5 || status=1
 
 echo "== 2/3 kernel benchmark"
-timeout 120 "$PYTHON" benchmarks/cuda_kernels.py --out "$OUT/cuda_kernels.json" 2>&1 | tee "$OUT/cuda_kernels.md" || status=1
+timeout 90 "$PYTHON" benchmarks/cuda_kernels.py --out "$OUT/cuda_kernels.json" 2>&1 | tee "$OUT/cuda_kernels.md" || status=1
 
 echo "== 3/3 DiT-XL/2 step"
-(cd benchmarks && timeout 240 "$PYTHON" cuda_dit_step.py --out "../$OUT/cuda_dit_step.json") 2>&1 \
+(cd benchmarks && timeout 210 "$PYTHON" cuda_dit_step.py --out "../$OUT/cuda_dit_step.json") 2>&1 \
     | grep -v "Failed to load\|Unable to import" | tee "$OUT/cuda_dit_step.md" || status=1
 
 { echo "# gpu-check"; echo; cat "$OUT/cuda_kernels.md"; echo; grep '^|' "$OUT/cuda_dit_step.md" || true; } > "$OUT/summary.md"
