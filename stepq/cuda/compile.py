@@ -58,8 +58,8 @@ def compile_source(text: str, arch: str, name: str = "kernel.cu", *, log: io.Str
     except Exception as e:  # cuda-core's NVRTCError: its message carries the compilation log
         if type(e).__name__ != "NVRTCError":
             raise
-        log = str(e).replace("\x00", "").split("compilation log:", 1)[-1].strip()
-        raise KernelCompileError(name, arch, log) from e
+        nvrtc_log = str(e).replace("\x00", "").split("compilation log:", 1)[-1].strip()
+        raise KernelCompileError(name, arch, nvrtc_log) from e
     code = obj.code
     return bytes(code) if not isinstance(code, bytes) else code
 
