@@ -10,14 +10,14 @@ depend on ``stepq/__init__.py``).
 Layers, lowest first; a module imports only its own or lower layers, except the edges in
 ``EXCEPTIONS``:
 
-    0 stepq.compiler      the IR, errors, the pass manager        (+ stepq.metrics, stepq.data)
+    0 stepq.compiler      the IR, errors, the pass manager        (+ stepq.metrics, stepq.data, stepq.cuda)
     1 stepq.recipe        specs and presets: policy, no graph
     2 stepq.calibration   collect, samplers, observers, qparams   (+ stepq.zoo)
     3 stepq.passes        one rewrite per file
     4 stepq.artifact      QuantizedModel, store, serialize, report
     5 stepq.methods       tdq, qat, ptqd: the methods' maths
     6 stepq.backends      reference, onnx
-    7 top level           stepq/__init__.py, cli, testing, cuda
+    7 top level           stepq/__init__.py, cli, testing
 
 ``stepq.metrics`` and ``stepq.data`` import no stepq module, and ``stepq.zoo`` only
 ``compiler.errors`` and ``calibration.samplers`` (and, in ``load``, the artefact loader for its compiled
@@ -41,6 +41,7 @@ LAYERS = {
     "stepq.compiler": 0,
     "stepq.metrics": 0,
     "stepq.data": 0,
+    "stepq.cuda": 0,  # kernel sources, their build, emulation, launchers: only compiler.errors (the cupy backend uses them)
     "stepq.recipe": 1,
     "stepq.calibration": 2,
     "stepq.zoo": 2,
@@ -48,7 +49,7 @@ LAYERS = {
     "stepq.artifact": 4,
     "stepq.methods": 5,
     "stepq.backends": 6,
-    "stepq": 7,  # stepq/__init__.py, stepq.cli, stepq.testing, stepq.cuda
+    "stepq": 7,  # stepq/__init__.py, stepq.cli, stepq.testing
 }
 LAYER_NAMES = {0: "compiler", 1: "recipe", 2: "calibration", 3: "passes", 4: "artifact", 5: "methods",
                6: "backends", 7: "top level"}

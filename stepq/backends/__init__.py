@@ -1,7 +1,8 @@
 """Backends: each partitions a converted graph (tags what it supports, from an explicit table),
 lowers the tagged part, and writes / loads its artefact (``Backend`` in ``base.py``). The table
 (``table.py``) names them: ``reference`` runs the QuantizedModel in PyTorch, ``onnx`` writes
-quantized ONNX for ONNX Runtime, ``cupy`` is a slot for the CuPy kernel backend (not written yet).
+quantized ONNX for ONNX Runtime, ``cupy`` runs stepq/cuda's low-bit kernels (their CPU emulation
+off the GPU; docs/CUDA.md).
 
     backend = stepq.backends.get_backend("onnx")     # what qm.export("onnx", path) resolves
     stepq.backends.available(); print(stepq.backends.describe())

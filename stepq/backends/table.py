@@ -76,8 +76,9 @@ BACKENDS: tuple[BackendEntry, ...] = (
     BackendEntry("onnx", "stepq.backends.onnx",
                  "quantized ONNX for ONNX Runtime with integer kernels (docs/ONNX.md)",
                  requires=("onnx", "onnx_ir", "onnxscript", "onnxruntime")),
-    BackendEntry("cupy", None, "CuPy integer kernels on the GPU", requires=("cupy",),
-                 planned="the CuPy kernel backend is the next issue; use 'reference' or 'onnx' until then"),
+    BackendEntry("cupy", "stepq.backends.cupy",
+                 "CuPy low-bit CUDA kernels (docs/CUDA.md); partition, lower and export anywhere, run on a CUDA "
+                 "device (cupy) or as the kernels' CPU emulation"),
 )
 
 _BY_NAME = {e.name: e for e in BACKENDS}

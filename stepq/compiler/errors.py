@@ -13,6 +13,9 @@ __all__ = [
     "DumpError",
     "InputSignatureError",
     "InvariantError",
+    "KernelCompileError",
+    "KernelError",
+    "NoDeviceError",
     "PassError",
     "PostconditionError",
     "PreconditionError",
@@ -52,6 +55,24 @@ class ArtifactError(StepqError):
 
 class DumpError(StepqError, OSError):
     """The graph dump folder (``dump=`` / ``$STEPQ_DUMP_DIR``) cannot be written; names the path."""
+
+
+class KernelError(StepqError):
+    """A CUDA kernel of stepq.cuda cannot be built, loaded or launched."""
+
+
+class KernelCompileError(KernelError):
+    """NVRTC rejected a kernel source; the message names the file and the architecture and carries NVRTC's log."""
+
+    def __init__(self, source: str, arch: str, log: str):
+        super().__init__(f"NVRTC could not compile {source} for {arch}:\n{log}")
+        self.source = source
+        self.arch = arch
+        self.log = log
+
+
+class NoDeviceError(KernelError):
+    """The CUDA kernels were asked to run where there is no CUDA device (or no CuPy / driver)."""
 
 
 class InvariantError(StepqError):
