@@ -39,6 +39,14 @@ from tqdm.auto import tqdm
 
 from stepq.calibration.probe import run_without_quantizers
 from stepq.compiler import meta, ops
+from stepq.compiler.distributed import (
+    any_rank,
+    average_gradients,
+    broadcast_parameters,
+    mean_over_ranks,
+    or_bool_buffers,
+    rank_seed,
+)
 from stepq.compiler.errors import CalibrationError, PreconditionError
 from stepq.compiler.pass_manager import CompileInputs, Contract, OpPresent, PassResult, RecipeHas, Step
 from stepq.compiler.program import Program
@@ -138,7 +146,8 @@ def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
-    rng = random.Random(seed)
+    rng = random.Random(rank_seed(seed))  # each rank draws from its own share of the calls
+    broadcast_parameters(params)
     curve: list[float] = []
     start = time.perf_counter()
     source.train()
@@ -158,13 +167,15 @@ def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps:
             loss = torch.stack(interp.losses).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params)
         opt.step()
-        curve.append(float(loss.detach()))
+        curve.append(mean_over_ranks(float(loss.detach())))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{curve[-1]:.4g}")
-        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+        if time_budget_s is not None and any_rank(time.perf_counter() - start > time_budget_s):
             log.info("fit_scale_source: time budget of %.0fs reached after %d steps", time_budget_s, step + 1)
             break
+    or_bool_buffers(source)  # a scale table's visited timesteps: the union over the ranks
     source.eval()
     for p in params:
         p.requires_grad_(False)
