@@ -161,7 +161,7 @@ def distill_qalora(
                 talsq.clamp_(*grid)
             for p in w_steps:
                 p.clamp_(min=1e-8)
-        curve.append(mean_over_ranks(float(loss)))
+        curve.append(mean_over_ranks(float(loss.detach())))
         bar.update(1)
         if len(curve) % 10 == 0:
             bar.set_postfix(loss=f"{curve[-1]:.4g}")

@@ -154,7 +154,7 @@ def train_qat(
         with torch.no_grad():  # step sizes stay positive (the generators' softplus does that itself)
             for p in scales:
                 p.clamp_(min=1e-8)
-        curve.append(mean_over_ranks(float(loss)))
+        curve.append(mean_over_ranks(float(loss.detach())))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{curve[-1]:.4g}")
         if time_budget_s is not None and any_rank(time.perf_counter() - start > time_budget_s):

@@ -1,0 +1,204 @@
+"""Calibration, PTQD statistics, collect and a training step on 2 gloo ranks against one process.
+
+One spawn of 2 processes (``dist_cases.run_ranks``) runs a group of cases; each test compares a
+case's result on the ranks with the same case run here, without a process group, on all the data.
+Both sides run on one thread: a convolution's accumulation order depends on the thread count, and
+the min-max comparison is bit for bit.
+
+Tolerances where the reservoirs' sampling enters (layers that saw more values than their
+reservoir's K = 65536; the others keep every value and match exactly):
+
+* percentile: the two runs' reservoirs are independent samples of K values of one population, so
+  the rank of a sample quantile has standard deviation sqrt(q(1 − q)/K) in each; the 2-rank
+  sample's q-quantile must lie within 4·√2 of those standard deviations (in rank) of the
+  one-process sample's;
+* MSE: the search picks one of 80 clipping ratios in [0.2, 1] (steps of 1%); the scales may move by
+  two steps plus what the sample's extremes move: 3%, and a zero point by one level;
+* TDQ: the fit draws other mini-batches on 2 ranks (each from its share), so its tables are compared
+  with the spread of the one-process fit over seeds: gap = max |table − one-process table|, as a ratio
+  to the gap of a one-process fit with another seed; ≤ 1 on average over the tables, ≤ 2 for each;
+* PTQD bit selection: the 4-bit scales of each step range come from an MSE search on the merged
+  per-timestep reservoirs (512 values each), so SNR^Q at 4 bits moves by up to ≈10% (measured): within
+  15%, and the same bits at every timestep.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from dist_cases import CASES, errors, load, run_ranks
+
+WORLD = 2
+RESERVOIR = 1 << 16
+FAST = ["minmax", "minmax_uneven", "reservoir", "ptqd", "qat_step", "collect", "nan"]  # the error case last
+SLOW = ["percentile", "mse", "ptqd_mixed", "tdq"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _spawn(tmp_path_factory, names):
+    out = tmp_path_factory.mktemp("dist")
+    run_ranks(names, out, world=WORLD, timeout=300)  # a deadlock fails here, after 300 s
+    for r in range(WORLD):
+        unexpected = {k: v for k, v in errors(out, r).items() if k != "nan"}
+        assert not unexpected, f"rank {r} failed: {unexpected}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory):
+    return _spawn(tmp_path_factory, FAST)
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory):
+    return _spawn(tmp_path_factory, SLOW)
+
+
+def _ranks(out, name):
+    """Rank 0's result, after checking that every rank holds the same, bit for bit."""
+    a, b = load(out, name, 0), load(out, name, 1)
+    a.pop("seconds"), b.pop("seconds")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{name}: the ranks disagree on {k}"
+    return a
+
+
+def _reference(name, **kw):
+    return CASES[name](0, 1, **kw)
+
+
+def test_minmax_scales_are_bit_identical_to_one_process(fast, one_thread):
+    got, ref = _ranks(fast, "minmax"), _reference("minmax")
+    assert got.keys() == ref.keys()
+    assert any(k.endswith("input_scale") for k in got)
+    for k in ref:
+        if k.endswith((".sum", ".sumsq")):  # float64 sums in another order
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=0)
+        else:  # scales, zero points, weights, counts, min, max
+            assert torch.equal(got[k], ref[k]), k
+
+
+def test_a_rank_without_data_is_carried_by_the_counts(fast, one_thread):
+    got, ref = _ranks(fast, "minmax_uneven"), _reference("minmax")
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_merged_reservoirs_are_a_sample_of_all_the_ranks_data(fast):
+    got = _ranks(fast, "reservoir")
+    assert torch.equal(got["overall"], got["again"])  # deterministic for a seed and a world size
+    for key, size in [("overall", RESERVOIR)] + [(f"t{100 * t}", 512) for t in range(4)]:
+        sample, population = got[key], got["all" if key == "overall" else f"all_{key}"]
+        assert sample.numel() == size < population.numel()
+        assert torch.isin(sample, population).all()
+        srt = population.sort().values
+        for q in (0.01, 0.1, 0.5, 0.9, 0.99):
+            rank = torch.searchsorted(srt, sample.quantile(q)).item() / srt.numel()
+            assert abs(rank - q) <= 4 * math.sqrt(q * (1 - q) / size), (key, q, rank)
+
+
+def test_ptqd_statistics_equal_one_process(fast, one_thread):
+    got, ref = _ranks(fast, "ptqd"), _reference("ptqd")
+    assert got.keys() == ref.keys() and "ptqd.k" in got
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
+    assert int(got["ptqd.visited"].sum()) == 32
+
+
+def test_one_training_step_on_2_ranks_is_the_step_on_the_concatenated_batch(fast, one_thread):
+    got, ref = _ranks(fast, "qat_step"), _reference("qat_step")
+    assert got.keys() == ref.keys()
+    grads = [k for k in ref if k.startswith("grad.")]
+    assert any("weight_scale" in k for k in grads) and any("input_scale" in k for k in grads)
+    for k in grads:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-7, msg=k)
+    torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-6, atol=0)
+    # Adam's first step is lr·g/(|g| + ε), ±lr wherever |g| ≫ ε: parameters equal within 1% of the lr
+    for k in ref:
+        if k.startswith("param."):
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-5, msg=k)
+    # and not the step on one rank's half of the batch (what a rank would take without the all-reduce)
+    half = CASES["qat_step"](0, 2)
+    assert any(not torch.allclose(got[k], half[k], rtol=1e-3) for k in grads)
+
+
+def test_collect_deals_the_batches_to_the_ranks(fast):
+    from safetensors.torch import load_file
+
+    shares = [load_file(str(fast / f"collect.{r}.safetensors")) for r in range(WORLD)]
+    ref = _reference("collect")
+    steps = 3
+    assert [int(s["n"]) for s in shares] == [2 * steps, steps]  # batches 0, 2 and batch 1
+    batches = ref["sample"].split(steps)
+    assert torch.equal(shares[0]["sample"], torch.cat([batches[0], batches[2]]))
+    assert torch.equal(shares[1]["sample"], batches[1])
+
+
+def test_a_nan_on_rank_1_raises_on_every_rank_without_deadlock(fast):
+    for r in range(WORLD):
+        msg = errors(fast, r)["nan"]
+        assert re.match(r"CalibrationError: 1 of 2 ranks failed: rank 1: non-finite values .* layer "
+                        r"'conv_in.input' at timestep 456", msg), msg
+
+
+@pytest.mark.slow
+def test_percentile_scales_within_the_reservoirs_sampling_tolerance(slow, one_thread):
+    got, ref = _ranks(slow, "percentile"), _reference("percentile")
+    sampled = 0
+    for k in ref:
+        if not k.startswith("res."):
+            continue
+        layer = k[4:]
+        a, b = got[k], ref[k]
+        if int(got[f"n.{layer}"]) <= RESERVOIR:  # the reservoir kept everything: exact
+            assert torch.equal(a.sort().values, b.sort().values), layer
+            for s in ("scale", "zero_point"):
+                assert torch.equal(got[f"{layer}_{s}"], ref[f"{layer}_{s}"]), layer
+            continue
+        sampled += 1
+        srt = b.sort().values
+        for q in (0.01, 0.99):
+            rank = torch.searchsorted(srt, a.quantile(q)).item() / srt.numel()
+            assert abs(rank - q) <= 4 * math.sqrt(2 * q * (1 - q) / RESERVOIR), (layer, q, rank)
+    assert sampled >= 3
+
+
+@pytest.mark.slow
+def test_mse_scales_within_the_search_grid(slow, one_thread):
+    got, ref = _ranks(slow, "mse"), _reference("mse")
+    for k in ref:
+        if k.endswith("input_scale"):
+            torch.testing.assert_close(got[k], ref[k], rtol=0.03, atol=0, msg=k)
+        elif k.endswith("input_zero_point"):
+            assert (got[k] - ref[k]).abs().max() <= 1, k
+        elif not k.startswith(("res.", "n.")):
+            assert torch.equal(got[k], ref[k]), k
+
+
+@pytest.mark.slow
+def test_ptqd_bit_selection_matches_one_process(slow, one_thread):
+    got, ref = _ranks(slow, "ptqd_mixed"), _reference("ptqd_mixed")
+    assert torch.equal(got["bits"], ref["bits"]) and torch.equal(got["visited"], ref["visited"])
+    v = ref["visited"]
+    torch.testing.assert_close(got["snr_q"][:, v], ref["snr_q"][:, v], rtol=0.15, atol=0)
+
+
+@pytest.mark.slow
+def test_tdq_tables_within_the_one_process_spread_over_seeds(slow, one_thread):
+    got, ref, other = _ranks(slow, "tdq"), _reference("tdq"), _reference("tdq", seed=1)
+    tables = [k for k in ref if k.endswith("input_scale_table")]
+    assert tables
+    ratios = {k: float((got[k] - ref[k]).abs().max() / (other[k] - ref[k]).abs().max()) for k in tables}
+    assert max(ratios.values()) <= 2.0, ratios
+    assert sum(ratios.values()) / len(ratios) <= 1.0, ratios
