@@ -214,6 +214,26 @@ def case_collect(rank: int, world: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def case_dtensor(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Per-channel and per-group weight scales of a weight sharded along its input columns (FSDP2
+    shards dim 0; columns are the hard case: every channel's range spans the shards)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from stepq.calibration.qparams import weight_qparams
+    from stepq.recipe.specs import PerGroup
+
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, 32)
+    if world > 1:
+        mesh = init_device_mesh("cpu", (world,))
+        w = distribute_tensor(w, mesh, [Shard(1)])
+    out = {}
+    for name, spec in [("channel", weight_spec(4)), ("group", QuantSpec(bits=4, granularity=PerGroup(8, axis=1)))]:
+        s, z, _, _ = weight_qparams(w, spec)
+        out[f"{name}.scale"], out[f"{name}.zero_point"] = s, z
+    return out
+
+
 def case_nan(rank: int, world: int) -> dict[str, torch.Tensor]:
     """A NaN in the last rank's share (its second call, sample 1 at timestep 456)."""
     data = calib_set(4)

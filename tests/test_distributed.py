@@ -33,7 +33,7 @@ from dist_cases import CASES, errors, load, run_ranks
 
 WORLD = 2
 RESERVOIR = 1 << 16
-FAST = ["minmax", "minmax_uneven", "reservoir", "ptqd", "qat_step", "collect", "nan"]  # the error case last
+FAST = ["minmax", "minmax_uneven", "reservoir", "ptqd", "qat_step", "collect", "dtensor", "nan"]  # the error case last
 SLOW = ["percentile", "mse", "ptqd_mixed", "tdq"]
 
 
@@ -143,6 +143,19 @@ def test_collect_deals_the_batches_to_the_ranks(fast):
     batches = ref["sample"].split(steps)
     assert torch.equal(shares[0]["sample"], torch.cat([batches[0], batches[2]]))
     assert torch.equal(shares[1]["sample"], batches[1])
+
+
+def test_weight_scales_of_a_sharded_weight_are_the_full_weights(fast):
+    got, ref = _ranks(fast, "dtensor"), _reference("dtensor")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    # what a rank would compute on its own shard of the columns is another scale
+    from stepq.calibration.qparams import weight_qparams
+    from stepq.recipe.presets import weight_spec
+
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, 32)
+    assert not torch.allclose(weight_qparams(w[:, :16], weight_spec(4))[0], ref["channel.scale"])
 
 
 def test_a_nan_on_rank_1_raises_on_every_rank_without_deadlock(fast):

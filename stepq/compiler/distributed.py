@@ -28,6 +28,7 @@ __all__ = [
     "any_rank",
     "average_gradients",
     "broadcast_parameters",
+    "full_weight",
     "gather_rows",
     "is_distributed",
     "mean_over_ranks",
@@ -211,3 +212,18 @@ def or_bool_buffers(module: torch.nn.Module) -> int:
     for b in bufs:
         b.copy_(all_reduce(b.to(torch.uint8), dist.ReduceOp.MAX).bool())
     return len(bufs)
+
+
+def full_weight(w: Tensor) -> Tensor:
+    """The whole of a weight. A ``DTensor`` (FSDP2's sharded parameters, tensor parallelism) is
+    all-gathered (``DTensor.full_tensor``, a collective: every rank calls it for the same weights
+    in the same order, as the pipeline does); a plain tensor is returned as it is.
+
+    Per-channel weight scales must see every input column of a channel and per-tensor ones every
+    element: computed on a shard they would be the shard's range (the misaligned-amax bug of
+    other tools under FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(w, DTensor):
+        return w.full_tensor()
+    return w
