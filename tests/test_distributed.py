@@ -215,3 +215,31 @@ def test_tdq_tables_within_the_one_process_spread_over_seeds(slow, one_thread):
     ratios = {k: float((got[k] - ref[k]).abs().max() / (other[k] - ref[k]).abs().max()) for k in tables}
     assert max(ratios.values()) <= 2.0, ratios
     assert sum(ratios.values()) / len(ratios) <= 1.0, ratios
+
+
+@pytest.mark.slow
+def test_the_documented_torchrun_command_runs_on_2_gloo_processes(tmp_path):
+    """docs/DISTRIBUTED.md's command at the tiny size: calibrate + QALoRA fine-tune on 2 ranks."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import stepq
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "examples" / "distributed.py"), "--size", "tiny", "--samples", "4", "--steps", "3",
+           "--recipe", "w4a8-qalora", "--finetune-steps", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["calls_on_rank0"] == 2 * 3 // 2
+    assert run["checksums"][0] == run["checksums"][1]  # both ranks compiled the same model
+    assert run["calibrate_s"] > 0 and run["train_s"] > 0
+    qm = stepq.load(str(out / "model"))
+    x = {"hidden_states": torch.randn(2, 4, 16, 16), "timestep": torch.tensor([10, 900]),
+         "class_labels": torch.tensor([1, 2]), "return_dict": False}
+    y = qm(**x)
+    assert torch.isfinite(y[0]).all() and y[0].shape == (2, 8, 16, 16)
