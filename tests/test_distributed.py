@@ -221,6 +221,8 @@ def test_tdq_tables_within_the_one_process_spread_over_seeds(slow, one_thread):
 def test_the_documented_torchrun_command_runs_on_2_gloo_processes(tmp_path):
     """docs/DISTRIBUTED.md's command at the tiny size: calibrate + QALoRA fine-tune on 2 ranks."""
     import json
+    import os
+    import signal
     import subprocess
     import sys
     from pathlib import Path
@@ -232,8 +234,16 @@ def test_the_documented_torchrun_command_runs_on_2_gloo_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(root / "examples" / "distributed.py"), "--size", "tiny", "--samples", "4", "--steps", "3",
            "--recipe", "w4a8-qalora", "--finetune-steps", "2", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # a session of its own, so that a hang is ended with every rank torchrun started, not only torchrun
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-4000:]
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["calls_on_rank0"] == 2 * 3 // 2
     assert run["checksums"][0] == run["checksums"][1]  # both ranks compiled the same model
@@ -243,3 +253,33 @@ def test_the_documented_torchrun_command_runs_on_2_gloo_processes(tmp_path):
          "class_labels": torch.tensor([1, 2]), "return_dict": False}
     y = qm(**x)
     assert torch.isfinite(y[0]).all() and y[0].shape == (2, 8, 16, 16)
+
+
+def test_without_a_process_group_every_collective_is_the_identity():
+    from stepq.compiler import distributed as d
+
+    assert not d.is_distributed() and d.rank() == 0 and d.world_size() == 1 and d.rank_seed(5) == 5
+    t = torch.arange(6.0).reshape(3, 2)
+    assert d.all_reduce(t) is t and d.gather_rows(t)[0] is t and d.any_rank(True) and not d.any_rank(False)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    d.average_gradients([p])
+    d.broadcast_parameters([p])
+    assert torch.equal(p.grad, torch.full((3,), 2.0)) and torch.equal(p.detach(), torch.ones(3))
+    import stepq
+
+    with pytest.raises(stepq.CalibrationError, match="^x$"):  # the rank's own error, as it is
+        d.raise_on_any_rank(stepq.CalibrationError("x"), stepq.CalibrationError)
+    d.raise_on_any_rank(None, stepq.CalibrationError)
+
+
+def test_gradient_buckets_keep_one_dtype_and_the_size_bound(monkeypatch):
+    from stepq.compiler import distributed as d
+
+    monkeypatch.setattr(d, "BUCKET", 10)
+    ts = [torch.zeros(4), torch.zeros(4, dtype=torch.float64), torch.zeros(4), torch.zeros(4), torch.zeros(30)]
+    buckets = d._buckets(ts)
+    assert sorted(i for b in buckets for i in b) == list(range(5))
+    for b in buckets:
+        assert len({ts[i].dtype for i in b}) == 1
+        assert sum(ts[i].numel() for i in b) <= 10 or len(b) == 1

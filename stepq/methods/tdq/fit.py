@@ -43,8 +43,11 @@ from stepq.compiler.distributed import (
     any_rank,
     average_gradients,
     broadcast_parameters,
+    is_distributed,
     mean_over_ranks,
     or_bool_buffers,
+    raise_on_any_rank,
+    rank,
     rank_seed,
 )
 from stepq.compiler.errors import CalibrationError, PreconditionError
@@ -137,8 +140,10 @@ def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps:
     if not hasattr(gm, SCALE_SOURCE):
         raise PreconditionError("fit_scale_source: the program has no scale source (insert_scale_source)")
     items = list(data)
-    if not items:
-        raise CalibrationError("fit_scale_source: no calibration data")
+    # under a process group every rank steps together: a rank without calls fails them all
+    raise_on_any_rank(None if items else CalibrationError("fit_scale_source: no calibration data"
+                                                          + (f" on rank {rank()}" if is_distributed() else "")),
+                      CalibrationError)
     source = gm.get_submodule(SCALE_SOURCE)
     batch_key = prog.sample_arg or prog.timestep_arg
     bound = [prog.bind((), c) for c in items]
