@@ -118,7 +118,8 @@ def main() -> None:
         qm.save(str(out / "model"))
         run = {"size": args.size, "recipe": recipe.name, "world_size": world, "samples": args.samples,
                "steps": args.steps, "calls_on_rank0": len(data), **{k: round(v, 3) for k, v in times.items()},
-               "cpu_s_all_ranks": round(float(cpu), 3), "checksums": [float(s) for s in sums]}
+               "cpu_s_all_ranks": round(float(cpu), 3), "checksums": [float(s) for s in sums],
+               "stepq": str(Path(stepq.__file__).resolve().parent)}
         (out / "run.json").write_text(json.dumps(run, indent=1))
         print(json.dumps(run))
     if dist.is_initialized():

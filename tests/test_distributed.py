@@ -233,9 +233,11 @@ def test_the_documented_torchrun_command_runs_on_2_gloo_processes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(root / "examples" / "distributed.py"), "--size", "tiny", "--samples", "4", "--steps", "3",
-           "--recipe", "w4a8-qalora", "--finetune-steps", "2", "--out", str(out)]
+           "--batch-size", "2", "--recipe", "w4a8-qalora", "--finetune-steps", "2", "--out", str(out)]
+    # this checkout's stepq, whatever the environment has installed (the script's folder is examples/)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     # a session of its own, so that a hang is ended with every rank torchrun started, not only torchrun
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         _, stderr = proc.communicate(timeout=180)
@@ -245,7 +247,10 @@ def test_the_documented_torchrun_command_runs_on_2_gloo_processes(tmp_path):
         raise
     assert proc.returncode == 0, stderr[-4000:]
     run = json.loads((out / "run.json").read_text())
-    assert run["world_size"] == 2 and run["calls_on_rank0"] == 2 * 3 // 2
+    assert Path(run["stepq"]) == root / "stepq"
+    # 4 trajectories in batches of 2: rank 0 records batch 0, 3 steps (one process: 6 calls). Batches of 1
+    # would capture the model at batch 1, which torch.export specializes (training at batch 4 then fails)
+    assert run["world_size"] == 2 and run["calls_on_rank0"] == 3
     assert run["checksums"][0] == run["checksums"][1]  # both ranks compiled the same model
     assert run["calibrate_s"] > 0 and run["train_s"] > 0
     qm = stepq.load(str(out / "model"))
