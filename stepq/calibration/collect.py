@@ -5,6 +5,13 @@ flow-matching Euler, ...) from seeded Gaussian noise and records the exact keywo
 denoiser receives at every step (with classifier-free guidance, the batched [cond; uncond] call).
 The result is an iterable of input dicts that ``stepq.calibrate`` (and the methods that fit
 per-timestep parameters) consume.
+
+Under a torch.distributed process group the trajectory batches are dealt round-robin to the ranks
+(batch b to rank b mod world size; the default batch size is num_samples / world size, rounded
+up). Every rank draws the initial noise and conditions of every batch from the one seeded
+generator, and batch b's sampler noise is seeded by b, so each rank's share is reproducible on its
+own and the ranks' shares together are exactly the one-process ``collect`` with the same
+``batch_size``.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from stepq.calibration.samplers import MakeInputs, default_make_inputs, make_denoiser, sample
+from stepq.compiler.distributed import rank, world_size
 from stepq.compiler.errors import CalibrationError
 
 __all__ = ["CalibrationData", "Sampling", "collect"]
@@ -129,7 +137,8 @@ def collect(
         make_inputs: ``(x_t, t, cond) -> kwargs`` for the model; defaults to the diffusers convention.
         seed: seeds the initial noise, the conditions and the sampler's noise.
         sample_shape: (C, H, W) of one sample; read from ``model.config`` when not given.
-        batch_size: trajectories run together (default: all of them).
+        batch_size: trajectories run together (default: all of them; under a process group, this
+            rank's share: ``ceil(num_samples / world_size)``). A rank with no batch records nothing.
         conditions: ``(n, generator) -> dict`` drawing the conditioning of n samples (class labels...).
         uncond: ``cond -> dict`` giving the unconditional inputs for classifier-free guidance.
         guidance_scale: CFG scale; with ``uncond`` and a scale != 1 the model is called on [cond; uncond].
@@ -141,12 +150,14 @@ def collect(
                                f"{num_inference_steps}")
     shape = tuple(sample_shape) if sample_shape is not None else _infer_shape(model)
     make = make_inputs or default_make_inputs(model)
-    bs = batch_size or num_samples
+    world, me = world_size(), rank()
+    bs = batch_size or math.ceil(num_samples / world)
     data = CalibrationData(sampling=Sampling(scheduler, num_inference_steps, shape, make_inputs, conditions, uncond,
                                              guidance_scale, eta, channels))
     gen = torch.Generator().manual_seed(seed)
     n_batches = math.ceil(num_samples / bs)
-    bar = tqdm(total=n_batches * num_inference_steps, desc="collect", disable=not progress, leave=False)
+    mine = len(range(me, n_batches, world))
+    bar = tqdm(total=mine * num_inference_steps, desc="collect", disable=not progress, leave=False)
 
     def record(kw: dict[str, Any], out: Tensor) -> None:
         data.items.append({k: _detach(v) for k, v in kw.items()})
@@ -157,6 +168,8 @@ def collect(
         noise = torch.randn((n, *shape), generator=gen)
         cond = dict(conditions(n, gen)) if conditions is not None else {}
         un = dict(uncond(cond)) if uncond is not None else None
+        if b % world != me:  # another rank's batch: its noise and conditions were drawn, not sampled
+            continue
         fn = make_denoiser(model, make_inputs=make, cond=cond, uncond=un, guidance_scale=guidance_scale,
                            channels=channels if channels is not None else shape[0], on_call=record)
         sample(fn, scheduler, noise, num_inference_steps, seed=seed * 1_000_003 + b, eta=eta,

@@ -4,6 +4,11 @@ Every item is one denoiser call (a dict of keyword arguments or an argument tupl
 FP sampler trajectories (``stepq.calibration.collect``). The first call is kept for convert's
 per-layer report; with ``keep_calls`` every bound call is kept for a later fit (TDQ's PTQ fit
 replays them).
+
+Under a torch.distributed process group each rank runs its own share of the data (what
+``collect`` returned on that rank) and the observers are then reduced over the ranks
+(``stepq.calibration.distributed``), so every rank holds the statistics of all the data. An error
+on one rank (a NaN in a layer's input) is raised on every rank, naming the failing rank.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from stepq.calibration.distributed import reduce_observers, reseed_observers
 from stepq.calibration.observers import observer_nodes
+from stepq.compiler.distributed import all_reduce, is_distributed, raise_on_any_rank, world_size
 from stepq.compiler.errors import CalibrationError
 from stepq.compiler.pass_manager import CompileInputs, Contract, PassResult, StageIs, Step
 from stepq.compiler.program import Program
@@ -49,21 +56,32 @@ class Observe(Step):
         total = len(data) if hasattr(data, "__len__") else None
         if inputs.max_batches is not None and total is not None:
             total = min(total, inputs.max_batches)
+        reseed_observers([m for _, m in observers])
         first = None
         n = 0
-        for item in tqdm(data, total=total, desc="calibrate", disable=not inputs.progress or not observers,
-                         leave=False):
-            if inputs.max_batches is not None and n >= inputs.max_batches:
-                break
-            args, kwargs = as_call(item)
-            if first is None:
-                first = prog.bind(args, kwargs)
-            if observers:
-                prog(*args, **kwargs)
-            if self.keep_calls:
-                inputs.kept.append(prog.bind(args, kwargs))
-            n += 1
-        if n == 0:
-            raise CalibrationError("calibration data is empty: it yielded no batches")
+        error: Exception | None = None
+        try:
+            for item in tqdm(data, total=total, desc="calibrate", disable=not inputs.progress or not observers,
+                             leave=False):
+                if inputs.max_batches is not None and n >= inputs.max_batches:
+                    break
+                args, kwargs = as_call(item)
+                if first is None:
+                    first = prog.bind(args, kwargs)
+                if observers:
+                    prog(*args, **kwargs)
+                if self.keep_calls:
+                    inputs.kept.append(prog.bind(args, kwargs))
+                n += 1
+        except Exception as e:  # under a process group: every rank learns of it before anyone raises
+            if not is_distributed():
+                raise
+            error = e
+        raise_on_any_rank(error, CalibrationError)
+        # a rank may have no share of the data; the calibration as a whole may not
+        if int(all_reduce(torch.tensor([n], dtype=torch.int64))) == 0:
+            raise CalibrationError("calibration data is empty: it yielded no batches"
+                                   + (f" on any of the {world_size()} ranks" if is_distributed() else ""))
+        reduce_observers([m for _, m in observers])
         prog.state.report_batch = first
         return PassResult(n)

@@ -74,6 +74,21 @@ class Reservoir:
             self._compact()
         return self._values[0]
 
+    def sample(self) -> tuple[Tensor, Tensor]:
+        """(values, keys) of the kept sample."""
+        v = self.values
+        return v, (self._keys[0] if self._keys else torch.empty(0))
+
+    def merge(self, values: Tensor, keys: Tensor) -> None:
+        """Keep the ``size`` largest keys of this sample and (``values``, ``keys``), another A-ES sample
+        (another rank's): A-ES of the union of both streams, as if one reservoir had seen them all."""
+        v, k = self.sample()
+        self._values, self._keys, self._pending = [torch.cat([v, values.float()])], [torch.cat([k, keys.float()])], 0
+        self._threshold = float("-inf")
+        self._pending = self._values[0].numel()
+        if self._pending > self.size:
+            self._compact()
+
 
 @dataclass
 class ActivationStats:
@@ -135,6 +150,7 @@ class ActivationObserver(torch.nn.Module):
         self.spec = spec
         self.timestep_scale = timestep_scale
         self.timestep_policy = timestep_policy
+        self.seed = seed
         self.stats = ActivationStats(num_train_timesteps)
         self._gen = torch.Generator().manual_seed(seed)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from stepq.compiler.distributed import full_weight
 from stepq.recipe.specs import MSEObserver, PercentileObserver, PerChannel, PerGroup, PerTensor, QuantSpec
 
 if TYPE_CHECKING:
@@ -90,8 +91,10 @@ def _rows_qparams(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
 
 
 def weight_qparams(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, int | None, int]:
-    """Scale and zero point of a weight in ONNX layout, with the op's ``axis`` and ``group_size``."""
-    w = w.detach().float()
+    """Scale and zero point of a weight in ONNX layout, with the op's ``axis`` and ``group_size``.
+
+    A sharded weight (a ``DTensor``: FSDP2) is gathered first: the scales are the full weight's."""
+    w = full_weight(w.detach()).float()
     g = spec.granularity
     if isinstance(g, PerTensor):
         s, z = _rows_qparams(w.reshape(1, -1), spec)

@@ -32,6 +32,13 @@ from tqdm.auto import tqdm
 from stepq.calibration.collect import Sampling
 from stepq.calibration.samplers import default_make_inputs, make_denoiser, sample
 from stepq.compiler import meta, ops
+from stepq.compiler.distributed import (
+    average_gradients,
+    broadcast_parameters,
+    mean_over_ranks,
+    or_bool_buffers,
+    rank_seed,
+)
 from stepq.compiler.errors import PreconditionError, RecipeError
 from stepq.compiler.graph_utils import arg_node, as_parameter, fetch_attr
 from stepq.compiler.pass_manager import (
@@ -135,7 +142,10 @@ def distill_qalora(
     shape = sampling.sample_shape
     channels = sampling.channels if sampling.channels is not None else shape[0]
     n_steps = cfg.num_inference_steps or sampling.num_inference_steps
-    gen = torch.Generator().manual_seed(cfg.seed)
+    seed = rank_seed(cfg.seed)  # each rank distills along its own trajectories
+    gen = torch.Generator().manual_seed(seed)
+    trained = [p for g in groups for p in g["params"]]
+    broadcast_parameters(trained)
     curve: list[float] = []
     bar = tqdm(total=steps, desc="QALoRA distillation", disable=not progress, leave=False)
 
@@ -143,6 +153,7 @@ def distill_qalora(
         loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(trained)
         with torch.no_grad():
             opt.step()
             sched.step()
@@ -150,7 +161,7 @@ def distill_qalora(
                 talsq.clamp_(*grid)
             for p in w_steps:
                 p.clamp_(min=1e-8)
-        curve.append(float(loss))
+        curve.append(mean_over_ranks(float(loss.detach())))
         bar.update(1)
         if len(curve) % 10 == 0:
             bar.set_postfix(loss=f"{curve[-1]:.4g}")
@@ -170,7 +181,7 @@ def distill_qalora(
                                     guidance_scale=sampling.guidance_scale, channels=channels)
             denoise = _training_denoiser(fp, student, train_step)
             try:
-                sample(denoise, sampling.scheduler, noise, n_steps, seed=cfg.seed * 1_000_003 + trajectory,
+                sample(denoise, sampling.scheduler, noise, n_steps, seed=seed * 1_000_003 + trajectory,
                        eta=sampling.eta)
             except _Done:
                 break
@@ -180,6 +191,7 @@ def distill_qalora(
         gm.eval()
         for p in gm.parameters():
             p.requires_grad_(False)
+    or_bool_buffers(gm)  # TALSQ's visited timesteps: the union over the ranks
     return curve
 
 

@@ -25,6 +25,10 @@ with E[ε] ≈ 0 both differences are second order. The statistics are tables ov
 ends), so one measurement serves any schedule and step count (the authors' tables are keyed by the
 20 DDIM timesteps they were collected on).
 
+Under a torch.distributed process group each rank measures its share of the data and the sums are
+all-reduced before the tables are formed (``ErrorAccumulator.reduce``): every rank gets the tables
+of all the data, equal to one process's up to float64 summation order.
+
 The residual's normality (PTQD models r_t as Gaussian to fold it into the sampler noise) is tested
 with ``scipy.stats.normaltest`` (D'Agostino–Pearson) on a uniform subsample of at most
 ``normality_samples`` residual elements per measured timestep, with skewness and excess kurtosis.
@@ -39,8 +43,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from stepq.compiler.distributed import all_reduce, gather_rows, is_distributed, raise_on_any_rank, rank_seed
 from stepq.compiler.errors import CalibrationError
 from stepq.compiler.timesteps import timestep_index
 
@@ -188,7 +194,7 @@ class ErrorAccumulator:
         self.see, self.sed, self.sdd = (torch.zeros(T, dtype=f64) for _ in range(3))
         self.normality_samples = normality_samples
         self.subsamples: dict[int, _Subsample] = {}
-        self._gen = torch.Generator().manual_seed(seed)
+        self._gen = torch.Generator().manual_seed(rank_seed(seed))
 
     @torch.no_grad()
     def add(self, t_idx: Tensor, eps: Tensor, eps_hat: Tensor) -> None:
@@ -216,6 +222,32 @@ class ErrorAccumulator:
                 rows = t_idx == tv
                 sub = self.subsamples.setdefault(int(tv), _Subsample(self.normality_samples))
                 sub.add(e[rows].reshape(-1), d[rows].reshape(-1), chan[rows].reshape(-1), self._gen)
+
+    def reduce(self) -> None:
+        """Sum the statistics over the ranks of the process group and merge the normality subsamples
+        (the ``normality_samples`` largest uniform keys of the union: a uniform subsample of all the
+        ranks' residuals), in place; every rank then holds what one process would have accumulated."""
+        if not is_distributed():
+            return
+        per_c = all_reduce(torch.stack([self.n_c, self.se_c, self.sd_c]))
+        self.n_c, self.se_c, self.sd_c = per_c[0].clone(), per_c[1].clone(), per_c[2].clone()
+        tot = all_reduce(torch.stack([self.see, self.sed, self.sdd]))
+        self.see, self.sed, self.sdd = tot[0].clone(), tot[1].clone(), tot[2].clone()
+        if not self.normality_samples:
+            return
+        parts = []
+        for t, sub in sorted(self.subsamples.items()):
+            v = sub.values()
+            keys = sub.keys[0] if sub.keys else torch.empty(0, dtype=torch.float64)
+            parts.append(torch.cat([torch.full((1, keys.numel()), float(t), dtype=torch.float64), keys[None], v]).T)
+        mine = torch.cat(parts) if parts else torch.empty(0, 5, dtype=torch.float64)
+        rows = torch.cat(gather_rows(mine))  # [n, 5]: t, key, ε, Δ, channel; rank order
+        self.subsamples = {}
+        for t in torch.unique(rows[:, 0].long()).tolist():
+            r = rows[rows[:, 0].long() == t]
+            sub = _Subsample(self.normality_samples, [r[:, 2:].T.contiguous()], [r[:, 1].contiguous()], r.shape[0])
+            sub._compact()
+            self.subsamples[int(t)] = sub
 
     def finalize(self, *, normality: bool = True) -> PTQDStats:
         n_c = self.n_c
@@ -327,14 +359,28 @@ def measure(fp: Model | Sequence[Tensor], quantized: Model, data: Iterable[Mappi
         raise CalibrationError(f"got {len(refs)} FP predictions for {len(items)} input dicts")
     acc: ErrorAccumulator | None = None
     guided = guidance_scale != 1.0
-    for i, item in enumerate(items):
-        eps = refs[i] if refs is not None else _prediction(fp(**item), guidance_scale, channels)  # type: ignore[operator]
-        eps_hat = _prediction(quantized(**item), guidance_scale, channels)
-        if acc is None:
-            acc = ErrorAccumulator(num_train_timesteps, eps.shape[1], normality_samples=normality_samples, seed=seed)
-        t_idx = _item_timesteps(item, timestep_arg, eps.shape[0], timestep_scale, num_train_timesteps, guided,
-                                timestep_policy)
-        acc.add(t_idx, eps, eps_hat)
+    error: Exception | None = None
+    try:
+        for i, item in enumerate(items):
+            eps = refs[i] if refs is not None else _prediction(fp(**item), guidance_scale, channels)  # type: ignore[operator]
+            eps_hat = _prediction(quantized(**item), guidance_scale, channels)
+            if acc is None:
+                acc = ErrorAccumulator(num_train_timesteps, eps.shape[1], normality_samples=normality_samples,
+                                       seed=seed)
+            t_idx = _item_timesteps(item, timestep_arg, eps.shape[0], timestep_scale, num_train_timesteps, guided,
+                                    timestep_policy)
+            acc.add(t_idx, eps, eps_hat)
+    except Exception as e:  # under a process group: every rank learns of it before anyone raises
+        if not is_distributed():
+            raise
+        error = e
+    raise_on_any_rank(error, CalibrationError)
+    if is_distributed():  # a rank without a share of the data still takes part in the reduction
+        C = int(all_reduce(torch.tensor([acc.C if acc is not None else 0]), dist.ReduceOp.MAX))
+        if C and acc is None:
+            acc = ErrorAccumulator(num_train_timesteps, C, normality_samples=normality_samples, seed=seed)
+        if acc is not None:
+            acc.reduce()
     if acc is None:
         raise CalibrationError("PTQD statistics need data: the iterable yielded no input dicts")
     stats = acc.finalize(normality=bool(normality_samples))

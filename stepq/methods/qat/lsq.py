@@ -29,6 +29,13 @@ from tqdm.auto import tqdm
 
 from stepq.calibration.samplers import model_output
 from stepq.compiler import meta, ops
+from stepq.compiler.distributed import (
+    any_rank,
+    average_gradients,
+    broadcast_parameters,
+    mean_over_ranks,
+    or_bool_buffers,
+)
 from stepq.compiler.errors import PreconditionError, RecipeError
 from stepq.compiler.graph_utils import arg_node, as_parameter
 from stepq.compiler.pass_manager import CompileInputs, Contract, PassResult, RecipeHas, StageIs, Step
@@ -125,6 +132,8 @@ def train_qat(
         raise PreconditionError(f"train_qat needs a calibrated program, got stage {prog.stage!r}")
     gm = prog.gm
     floats, scales, source = make_trainable(prog, batch_size=batch_size)
+    trained = floats + scales + source
+    broadcast_parameters(trained)  # under a process group: every rank starts from rank 0's values
     opt = torch.optim.Adam([{"params": floats, "lr": lr}, {"params": scales + source, "lr": scale_lr}])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     gm.train()
@@ -139,17 +148,19 @@ def train_qat(
         loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(trained)  # under a process group: the gradient of the ranks' concatenated batch
         opt.step()
         sched.step()
         with torch.no_grad():  # step sizes stay positive (the generators' softplus does that itself)
             for p in scales:
                 p.clamp_(min=1e-8)
-        curve.append(float(loss))
+        curve.append(mean_over_ranks(float(loss.detach())))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{curve[-1]:.4g}")
-        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+        if time_budget_s is not None and any_rank(time.perf_counter() - start > time_budget_s):
             log.info("train_qat: time budget reached after %d steps", step + 1)
             break
+    or_bool_buffers(gm)  # a scale table's visited timesteps: the union over the ranks
     gm.eval()
     for p in floats + scales + source:
         p.requires_grad_(False)

@@ -39,6 +39,17 @@ from tqdm.auto import tqdm
 
 from stepq.calibration.probe import run_without_quantizers
 from stepq.compiler import meta, ops
+from stepq.compiler.distributed import (
+    any_rank,
+    average_gradients,
+    broadcast_parameters,
+    is_distributed,
+    mean_over_ranks,
+    or_bool_buffers,
+    raise_on_any_rank,
+    rank,
+    rank_seed,
+)
 from stepq.compiler.errors import CalibrationError, PreconditionError
 from stepq.compiler.pass_manager import CompileInputs, Contract, OpPresent, PassResult, RecipeHas, Step
 from stepq.compiler.program import Program
@@ -129,8 +140,10 @@ def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps:
     if not hasattr(gm, SCALE_SOURCE):
         raise PreconditionError("fit_scale_source: the program has no scale source (insert_scale_source)")
     items = list(data)
-    if not items:
-        raise CalibrationError("fit_scale_source: no calibration data")
+    # under a process group every rank steps together: a rank without calls fails them all
+    raise_on_any_rank(None if items else CalibrationError("fit_scale_source: no calibration data"
+                                                          + (f" on rank {rank()}" if is_distributed() else "")),
+                      CalibrationError)
     source = gm.get_submodule(SCALE_SOURCE)
     batch_key = prog.sample_arg or prog.timestep_arg
     bound = [prog.bind((), c) for c in items]
@@ -138,7 +151,8 @@ def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
-    rng = random.Random(seed)
+    rng = random.Random(rank_seed(seed))  # each rank draws from its own share of the calls
+    broadcast_parameters(params)
     curve: list[float] = []
     start = time.perf_counter()
     source.train()
@@ -158,13 +172,15 @@ def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps:
             loss = torch.stack(interp.losses).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params)
         opt.step()
-        curve.append(float(loss.detach()))
+        curve.append(mean_over_ranks(float(loss.detach())))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{curve[-1]:.4g}")
-        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+        if time_budget_s is not None and any_rank(time.perf_counter() - start > time_budget_s):
             log.info("fit_scale_source: time budget of %.0fs reached after %d steps", time_budget_s, step + 1)
             break
+    or_bool_buffers(source)  # a scale table's visited timesteps: the union over the ranks
     source.eval()
     for p in params:
         p.requires_grad_(False)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from stepq.calibration.samplers import model_output
 from stepq.compiler import ops
+from stepq.compiler.distributed import average_gradients, broadcast_parameters, mean_over_ranks
 from stepq.compiler.errors import PreconditionError, RecipeError
 from stepq.compiler.graph_utils import as_parameter
 from stepq.compiler.pass_manager import CompileInputs, Contract, PassResult, RecipeHas, StageIs, Step
@@ -86,6 +87,7 @@ def train_ternary(
     params = floats + alphas
     for p in params:
         p.requires_grad_(True)
+    broadcast_parameters(params)  # under a process group: every rank starts from rank 0's values
     opt = torch.optim.Adam([{"params": floats, "lr": lr}, {"params": alphas, "lr": scale_lr}])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps))
     gm.train()
@@ -101,6 +103,7 @@ def train_ternary(
         loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params)  # before clipping: the clip sees the concatenated batch's gradient
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
@@ -108,7 +111,7 @@ def train_ternary(
         with torch.no_grad():  # scales stay positive
             for p in alphas:
                 p.clamp_(min=1e-8)
-        curve.append(loss.item())
+        curve.append(mean_over_ranks(loss.item()))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{curve[-1]:.4g}")
     gm.eval()

@@ -1,0 +1,296 @@
+"""The cases of tests/test_distributed.py: each runs on one rank's share of the data and returns
+tensors (or raises a stepq error). ``run_ranks`` spawns a gloo process group and runs every case on
+every rank; calling a case with ``world=1`` (no process group) is the one-process reference.
+
+Kept out of the test module so that ``torch.multiprocessing.spawn`` can import the worker by name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import calib_set, denoiser_inputs
+from safetensors.torch import load_file, save_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+import stepq
+from stepq.calibration.distributed import reduce_observers, reseed_observers
+from stepq.calibration.observers import ActivationObserver
+from stepq.recipe.presets import weight_spec
+from stepq.recipe.specs import (
+    LayerRule,
+    LayerSpec,
+    MinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    PTQDConfig,
+    QATConfig,
+    QuantSpec,
+    Recipe,
+    TDQConfig,
+)
+from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
+
+Case = Callable[[int, int], dict[str, torch.Tensor]]
+
+#: the calibration set every case splits: 8 calls of 4 samples, 32 distinct timesteps
+FULL = 8
+
+
+def model() -> torch.nn.Module:
+    return build_random_denoiser(RandomDenoiserConfig(kind="unet"))
+
+
+def share(items: list, rank: int, world: int) -> list:
+    return items[rank::world]
+
+
+def recipe(observer, *, a_bits: int = 8, **sections) -> Recipe:
+    act = QuantSpec(bits=a_bits, signed=False, symmetric=False, observer=observer)
+    return Recipe(name=f"dist-{observer.kind}", rules=(LayerRule(spec=None, ops=frozenset({"attention"})),),
+                  default=LayerSpec(weight=weight_spec(8), activation=act), **sections)
+
+
+def _calibrated(r: Recipe, rank: int, world: int, items: list | None = None) -> stepq.Program:
+    data = calib_set(FULL) if items is None else items
+    prog = stepq.prepare(stepq.capture(model(), data[0]), r)
+    return stepq.calibrate(prog, share(data, rank, world), progress=False)
+
+
+def _state(prog_or_gm) -> dict[str, torch.Tensor]:
+    gm = getattr(prog_or_gm, "gm", prog_or_gm)
+    return {k: v.detach().clone().contiguous() for k, v in gm.state_dict().items()}
+
+
+def _stats(prog: stepq.Program) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, st in prog.state.activation_stats.items():
+        for f in ("count", "min", "max", "sum", "sumsq"):
+            out[f"stats.{name}.{f}"] = getattr(st, f).clone()
+    return out
+
+
+def case_minmax(rank: int, world: int) -> dict[str, torch.Tensor]:
+    prog = _calibrated(recipe(MinMaxObserver()), rank, world)
+    return {**_state(prog), **_stats(prog)}
+
+
+def case_minmax_uneven(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Rank 0 has every call, the other ranks none: the counts carry it."""
+    data = calib_set(FULL)
+    prog = stepq.prepare(stepq.capture(model(), data[0]), recipe(MinMaxObserver()))
+    stepq.calibrate(prog, data if rank == 0 else [], progress=False)
+    return {**_state(prog), **_stats(prog)}
+
+
+def _with_samples(prog: stepq.Program) -> dict[str, torch.Tensor]:
+    """The program's buffers, each observer's overall sample (``res.<layer>``) and value count (``n.``)."""
+    out = _state(prog)
+    for name, st in prog.state.activation_stats.items():
+        out[f"res.{name}"] = st.overall.values.clone()
+        out[f"n.{name}"] = torch.tensor([st.total])
+    return out
+
+
+def case_percentile(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return _with_samples(_calibrated(recipe(PercentileObserver(99.0)), rank, world))
+
+
+def case_mse(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return _with_samples(_calibrated(recipe(MSEObserver(), a_bits=4), rank, world))
+
+
+def case_reservoir(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """An observer fed 2^18 heavy-tailed values (4x its reservoir) at 4 timesteps, split over the ranks."""
+    g = torch.Generator().manual_seed(7)
+    calls = [(_t3(g, (16, 1024)), torch.tensor([100 * (i % 4)] * 16)) for i in range(16)]
+
+    def observe() -> ActivationObserver:
+        obs = ActivationObserver("probe", QuantSpec(bits=8), seed=3)
+        reseed_observers([obs])
+        for x, t in share(calls, rank, world):
+            obs(x, t)
+        reduce_observers([obs])
+        return obs
+
+    st, again = observe().stats, observe().stats
+    out = {"overall": st.overall.values.clone(), "again": again.overall.values.clone(),
+           "all": torch.cat([x for x, _ in calls]).reshape(-1)}
+    for t in range(4):
+        out[f"t{100 * t}"] = st.samples_at(100 * t).clone()
+        out[f"all_t{100 * t}"] = torch.cat([x for i, (x, _) in enumerate(calls) if i % 4 == t]).reshape(-1)
+    return out
+
+
+def _t3(g: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+    """Student-t samples with 3 degrees of freedom (z / sqrt(χ²₃/3)), from ``g``."""
+    z = torch.randn(shape, generator=g)
+    chi = (torch.randn((3, *shape), generator=g) ** 2).sum(0)
+    return z / (chi / 3).sqrt()
+
+
+def case_ptqd(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """PTQD's noise correction on a min-max W8A4 model: the quantized model is the same for any
+    number of ranks, so the statistics differ only by the order of the float64 sums."""
+    data = calib_set(FULL)
+    r = recipe(MinMaxObserver(), a_bits=4, ptqd=PTQDConfig(normality_samples=2000))
+    qm = stepq.quantize(model(), data[0], r, calibration=share(data, rank, world), progress=False)
+    return {f"ptqd.{k}": v.clone() for k, v in qm.program.state.ptqd.tensors().items()}
+
+
+def case_ptqd_mixed(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """PTQD's step-aware bit selection (4 / 8-bit activations): the 4-bit scales come from an MSE
+    search on the merged reservoirs, so SNR^Q and the bits are compared within sampling tolerance."""
+    data = calib_set(FULL)
+    r = recipe(MinMaxObserver(), ptqd=PTQDConfig(mixed_bits=(4, 8), normality_samples=200))
+    qm = stepq.quantize(model(), data[0], r, calibration=share(data, rank, world), progress=False)
+    mp = qm.program.state.ptqd_bits
+    return {"bits": mp.table.clone(), "snr_q": mp.snr_q.clone(), "visited": mp.visited.clone()}
+
+
+def case_tdq(rank: int, world: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    r = recipe(PercentileObserver(99.0), tdq=TDQConfig(fit_steps=8, fit_batch=4, fit_rows=2, seed=seed))
+    data = calib_set(FULL)
+    prog = stepq.prepare(stepq.capture(model(), data[0]), r)
+    stepq.calibrate(prog, share(data, rank, world), progress=False)
+    qm = stepq.convert(prog, report=False)
+    return {k: v for k, v in _state(qm.program).items() if "table" in k or "scale" in k}
+
+
+def qat_batch() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    x = denoiser_inputs(8, range(0, 800, 100), seed=11)
+    return x, torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(12))
+
+
+def case_qat_step(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """One LSQ QAT step on this rank's rows of one batch of 8; the gradients the optimizer stepped with."""
+    r = recipe(MinMaxObserver(), a_bits=8, qat=QATConfig(steps=1, lr=1e-3, scale_lr=1e-3, batch_size=8))
+    prog = _calibrated(r, 0, 1)  # every rank calibrates on all the data: training is what is compared
+    inputs, target = qat_batch()
+    k = 8 // world
+    rows = slice(rank * k, (rank + 1) * k)
+    mine = ({n: v[rows] for n, v in inputs.items()}, target[rows])
+    grads: dict[str, torch.Tensor] = {}
+
+    def hook(opt, args, kwargs):
+        names = {id(p): n for n, p in prog.gm.named_parameters()}  # step sizes became parameters by now
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads[f"grad.{names.get(id(p), '?')}"] = p.grad.detach().clone()
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        stepq.train(prog, itertools.repeat(mine), progress=False)
+    finally:
+        handle.remove()
+    after = {f"param.{n}": p.detach().clone() for n, p in prog.gm.named_parameters()}
+    return {**grads, **after, "loss": torch.tensor(prog.state.qat_curve)}
+
+
+def case_collect(rank: int, world: int) -> dict[str, torch.Tensor]:
+    from diffusers import DDIMScheduler
+
+    def make(x, t, cond):
+        return {"sample": x, "timestep": torch.as_tensor(t).reshape(-1).expand(x.shape[0]).round().long()}
+
+    data = stepq.calibration.collect(model(), DDIMScheduler(), num_samples=6, num_inference_steps=3, batch_size=2,
+                                     make_inputs=make, sample_shape=(4, 8, 8), seed=5, progress=False)
+    out = {"n": torch.tensor([len(data)])}
+    if len(data):
+        out["sample"] = torch.stack([d["sample"] for d in data])
+        out["timestep"] = torch.stack([d["timestep"] for d in data])
+    return out
+
+
+def case_dtensor(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Per-channel and per-group weight scales of a weight sharded along its input columns (FSDP2
+    shards dim 0; columns are the hard case: every channel's range spans the shards)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from stepq.calibration.qparams import weight_qparams
+    from stepq.recipe.specs import PerGroup
+
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, 32)
+    if world > 1:
+        mesh = init_device_mesh("cpu", (world,))
+        w = distribute_tensor(w, mesh, [Shard(1)])
+    out = {}
+    for name, spec in [("channel", weight_spec(4)), ("group", QuantSpec(bits=4, granularity=PerGroup(8, axis=1)))]:
+        s, z, _, _ = weight_qparams(w, spec)
+        out[f"{name}.scale"], out[f"{name}.zero_point"] = s, z
+    return out
+
+
+def case_nan(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """A NaN in the last rank's share (its second call, sample 1 at timestep 456)."""
+    data = calib_set(4)
+    bad = denoiser_inputs(2, (123, 456))
+    bad["sample"][1, 0, 0, 0] = float("nan")
+    items = share(data, rank, world) + ([bad] if rank == world - 1 else [])
+    prog = stepq.prepare(stepq.capture(model(), data[0]), recipe(MinMaxObserver()))
+    stepq.calibrate(prog, items, progress=False)
+    return {}
+
+
+CASES: dict[str, Case] = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+def _worker(rank: int, world: int, port: int, out: str, names: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    errors: dict[str, str] = {}
+    try:
+        for name in names:
+            try:
+                start = time.perf_counter()
+                tensors = CASES[name](rank, world)
+                tensors["seconds"] = torch.tensor([time.perf_counter() - start])
+                save_file(tensors, str(Path(out) / f"{name}.{rank}.safetensors"))
+            except stepq.StepqError as e:
+                errors[name] = f"{type(e).__name__}: {e}"
+            except Exception:
+                errors[name] = "UNEXPECTED " + traceback.format_exc()
+    finally:
+        (Path(out) / f"errors.{rank}.json").write_text(json.dumps(errors))
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_ranks(names: list[str], out: Path, world: int = 2, timeout: float = 240.0) -> None:
+    """Run the cases ``names`` on ``world`` gloo ranks; results under ``out``. Raises when a rank
+    does not finish within ``timeout`` seconds (a deadlock) or dies."""
+    ctx = mp.start_processes(_worker, args=(world, free_port(), str(out), names), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"the {world} ranks did not finish within {timeout:.0f}s (deadlock?)")
+
+
+def load(out: Path, name: str, rank: int) -> dict[str, torch.Tensor]:
+    return load_file(str(out / f"{name}.{rank}.safetensors"))
+
+
+def errors(out: Path, rank: int) -> dict[str, str]:
+    return json.loads((out / f"errors.{rank}.json").read_text())
