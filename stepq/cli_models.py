@@ -117,7 +117,7 @@ def _load_denoiser(folder: Path) -> nn.Module:
 
 
 def _shape(model: nn.Module, folder: Path) -> tuple[int, int, int]:
-    cfg = model.config  # type: ignore[attr-defined]
+    cfg: Any = getattr(model, "config", {})
     size = cfg.get("sample_size")
     if size is None:
         raise ModelSourceError(f"{folder}: the model's config has no sample_size")
@@ -127,7 +127,8 @@ def _shape(model: nn.Module, folder: Path) -> tuple[int, int, int]:
 
 def _class_conditions(model: nn.Module) -> tuple[Callable[[int, torch.Generator | None], dict[str, Tensor]],
                                                 Callable[[Mapping[str, Any]], dict[str, Tensor]], int]:
-    n_classes = int(model.config["num_embeds_ada_norm"])  # type: ignore[attr-defined]
+    cfg: Any = getattr(model, "config", {})
+    n_classes = int(cfg["num_embeds_ada_norm"])
 
     def conditions(n: int, gen: torch.Generator | None) -> dict[str, Tensor]:
         return {"class_labels": torch.randint(0, n_classes, (n,), generator=gen)}

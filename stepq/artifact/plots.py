@@ -112,7 +112,7 @@ def plot_sqnr(qm: QuantizedModel, path: str | os.PathLike[str]) -> Figure | None
     fig = _figure(max(6.0, 0.18 * len(rows)), 4.5)
     ax = fig.subplots()
     colours = {4: "tab:red", 8: "tab:blue", None: "tab:gray"}
-    ax.bar(range(len(rows)), [r.sqnr_db for r in rows],
+    ax.bar(range(len(rows)), [float(r.sqnr_db or 0.0) for r in rows],
            color=[colours.get(r.act_bits, "tab:orange") for r in rows])
     ax.set_xticks(range(len(rows)), [r.layer for r in rows], rotation=90, fontsize=6)
     ax.set_ylabel("output SQNR vs FP (dB)")
