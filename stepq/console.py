@@ -24,6 +24,8 @@ THIRD_PARTY_LOGGERS = {
     "torchao": "Failed to load .../_C_mxfp8 ... (optional CUDA extensions, absent on a CPU build)",
     "torch.utils._pytree": "<enum ...> is an Enum subclass and is now natively supported ... (torchao's enums)",
     "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor objects ...",
+    "torch.onnx._internal.exporter._registration": "torchvision is not installed. Skipping torchvision::nms (x4)",
+    "torch.onnx._internal.exporter._core": "nn_module_stack not found for node '_to_copy'. Skip adding metadata...",
 }
 
 
