@@ -116,8 +116,11 @@ def main() -> None:
     ap.add_argument("--fit-steps", type=int, default=100, help="TDQ fit: Adam steps (the preset: 300)")
     ap.add_argument("--onnx-rounds", type=int, default=20, help="timed ONNX Runtime runs per model")
     ap.add_argument("--onnx-batch", type=int, default=64, help="batch of the timed ONNX Runtime runs")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     ap.add_argument("--out", default="out/demo")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock()

@@ -39,9 +39,15 @@ PENDING = {"load"}
 
 
 def _public() -> list[tuple[str, object]]:
-    """Every callable in stepq.__all__ (the submodule stepq.ptqd has its own reference page)."""
-    return [(n, getattr(stepq, n)) for n in stepq.__all__
-            if callable(getattr(stepq, n)) and not inspect.ismodule(getattr(stepq, n))]
+    """Every callable in stepq.__all__ and in the __all__ of the public modules it lists (stepq.ptqd)."""
+    out: list[tuple[str, object]] = []
+    for name in stepq.__all__:
+        obj = getattr(stepq, name)
+        if inspect.ismodule(obj):
+            out += [(f"{name}.{n}", getattr(obj, n)) for n in obj.__all__]
+        else:
+            out.append((name, obj))
+    return [(n, o) for n, o in out if callable(o)]
 
 
 def _parameters(obj: object) -> list[str]:

@@ -256,6 +256,7 @@ def apply_ptqd(qm: QuantizedModel, fp_model: Any, data: Iterable[Mapping[str, An
             ``config.guidance_scale`` when the model is guided (the dicts are then [cond; uncond] calls).
         config: overrides ``qm.recipe.ptqd`` (and is recorded in the recipe); default ``PTQDConfig()``.
         scheduler: the diffusers scheduler whose ᾱ_t gives SNR^F for mixed precision (default: DDPM's).
+        passes, dump: as in ``prepare``.
     """
     if not isinstance(qm, QuantizedModel):
         raise PreconditionError(f"stepq.ptqd.apply takes a QuantizedModel, got {type(qm).__name__}")
@@ -272,7 +273,8 @@ def apply_ptqd(qm: QuantizedModel, fp_model: Any, data: Iterable[Mapping[str, An
 
 def ptqd_with_config(qm: QuantizedModel, config: PTQDConfig) -> QuantizedModel:
     """A copy of ``qm`` with its measured PTQD statistics applied under other flags (an ablation):
-    the ptqd phase's refresh_tables re-fills the correction from the same statistics."""
+    the ptqd phase's refresh_tables re-fills the correction from the same statistics. ``config``
+    is the ``PTQDConfig`` to apply (its ``mixed_bits`` must be the measured ones)."""
     prog = qm.program
     if not prog.state.has("ptqd"):
         raise PreconditionError("with_config needs a model with PTQD statistics (run stepq.ptqd.apply)")
