@@ -195,9 +195,11 @@ def quantize(
     observers' range search):
 
     * TDQ in PTQ (``wXaY-tdq``, ``-steptable``): ``recipe.tdq.fit_steps`` Adam steps (300 in the
-      presets), each a forward and backward pass on ``fit_batch x fit_rows`` = 32 samples (set
-      ``fit_steps`` lower to trade quality for time; ``time_budget_s`` caps the wall time, but
-      then the result depends on the machine's speed).
+      presets), each a forward and backward pass on ``fit_batch x fit_rows`` = 32 samples (digits
+      DiT: the 300-step fit is most of the 195 s ``build_s`` of ``stepq w4a4-tdq`` in
+      docs/results/quality_dit.json, against 38 s for static W4A4). Set ``fit_steps`` lower to
+      trade quality for time (examples/demo.py: 100 steps); ``time_budget_s`` caps the wall time,
+      but then the result depends on the machine's speed.
     * QAT (``w4a4-qat``, ``w4a4-tdq-qat``): ``recipe.qat.steps`` (500) steps on batches of 64 real
       images (digits DiT and UNet: 280-300 s on 2 CPU cores, ``build_s`` in docs/results/quality_*.json).
     * QALoRA (``wXaY-qalora``, EfficientDM): ``recipe.qalora.steps`` (400) distillation steps, each
