@@ -187,3 +187,36 @@ def test_the_command_runs_as_a_subprocess_with_one_error_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("stepq: error:")
+
+
+def _tiny_training(recipe, **section):
+    import dataclasses
+
+    key = "qalora" if recipe.qalora is not None else "qat"
+    return recipe.replace(**{key: dataclasses.replace(getattr(recipe, key), **section)})
+
+
+def test_qalora_trains_from_the_cli_on_a_model_folder(folders, tmp_path):
+    import stepq
+
+    recipe = _tiny_training(stepq.get_preset("w4a8-qalora"), steps=1, batch_size=1, num_inference_steps=2)
+    path = tmp_path / "qalora.json"
+    path.write_text(json.dumps(recipe.to_dict()))
+    art = tmp_path / "m"
+    assert main(["quantize", str(folders / "unet"), str(path), str(art), "--calib-samples", "1", "--steps", "2",
+                 "--quiet"]) == 0
+    qm = stepq.load(str(art))
+    assert qm.recipe.qalora is not None and qm.recipe.qalora.steps == 1
+
+
+@pytest.mark.slow
+def test_qat_trains_from_the_cli_on_a_zoo_model(tmp_path):
+    import stepq
+
+    recipe = _tiny_training(stepq.get_preset("w4a4-qat"), steps=2, batch_size=2)
+    path = tmp_path / "qat.json"
+    path.write_text(json.dumps(recipe.to_dict()))
+    art = tmp_path / "m"
+    # two calibration trajectories: a batch-1 capture specialises the batch (issue 14 item 4, another branch)
+    assert main(["quantize", "digits-ddpm", str(path), str(art), "--calib-samples", "2", "--steps", "2", "--quiet"]) == 0
+    assert stepq.load(str(art)).recipe.qat.steps == 2
