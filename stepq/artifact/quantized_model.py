@@ -71,6 +71,21 @@ class QuantizedModel(torch.nn.Module):
                 out.append(n.meta[meta.LAYER])
         return out
 
+    def plot(self, path: str | os.PathLike[str], *, fp_model: Any = None, sampling: Any = None, n: int = 8,
+             seed: int = 0) -> dict[str, Any]:
+        """Write PNGs into the folder ``path`` (matplotlib, Agg) and return ``{kind: path}``:
+
+        * ``steps_vs_t``: the activation step s(t) of every timestep-indexed quantizer, t ∈ [0, T),
+          read from the graph's tables (TDQ / step-table / PTQD models; absent for static recipes);
+        * ``sqnr``: the per-layer output SQNR against FP of the convert-time report;
+        * ``samples``: with ``fp_model`` (the model this one was compiled from) and ``sampling``
+          (a ``stepq.Sampling``, e.g. the calibration data's ``.sampling``), ``n`` FP samples above
+          ``n`` samples of this model from the same noise and ``seed``; costs 2·n·steps model calls.
+        """
+        from stepq.artifact.plots import plot_model
+
+        return dict(plot_model(self, path, fp_model=fp_model, sampling=sampling, n=n, seed=seed))
+
     # -- artefacts -----------------------------------------------------------------------------
     def save(self, path: str) -> None:
         """Write a directory with ``model.safetensors`` and ``manifest.json`` (never pickle)."""

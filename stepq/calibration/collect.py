@@ -40,7 +40,11 @@ def _detach(v: Any) -> Any:
 @dataclass(frozen=True)
 class Sampling:
     """How FP trajectories are drawn: what ``collect`` ran, and what EfficientDM's distillation runs
-    again (the teacher's own trajectories). The fields are ``collect``'s arguments."""
+    again (the teacher's own trajectories). The fields are ``collect``'s arguments: ``scheduler``
+    (a diffusers scheduler), ``num_inference_steps``, ``sample_shape`` (C, H, W), ``make_inputs``
+    (``(x_t, t, cond) -> kwargs``; None: the diffusers convention), ``conditions`` (``(n, generator)
+    -> dict``), ``uncond`` (``cond -> dict`` for classifier-free guidance), ``guidance_scale``,
+    ``eta`` (DDIM's η) and ``channels`` (the prediction channels kept)."""
 
     scheduler: Any
     num_inference_steps: int

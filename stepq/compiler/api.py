@@ -49,7 +49,15 @@ def _require(prog: Program, stages: Sequence[str], action: str) -> None:
 
 def prepare(prog: Program, recipe: str | Recipe | Mapping[str, Any], *, inplace: bool = False,
             passes: Sequence[At] = (), dump: str | os.PathLike[str] | None = None) -> Program:
-    """Annotate the program with ``recipe`` and insert quantizers and observers."""
+    """Annotate the program with ``recipe`` and insert quantizers and observers.
+
+    Args:
+        prog: a captured program (``stepq.capture``).
+        recipe: a preset name, a ``Recipe`` or its ``to_dict()`` form.
+        inplace: rewrite ``prog`` itself instead of a copy.
+        passes: a user's passes put into the pipeline (``stepq.At``).
+        dump: a folder that receives the graph after every pass (default ``$STEPQ_DUMP_DIR``, or none).
+    """
     _require(prog, ("captured",), "prepare")
     recipe = resolve_recipe(recipe)
     if not inplace:
@@ -67,6 +75,17 @@ def calibrate(prog: Program, data: Iterable[Any], *, max_batches: int | None = N
 
     ``data`` is an iterable of input dicts (or argument tuples), e.g. what
     ``stepq.calibration.collect`` returns. The program is updated in place and returned.
+
+    Args:
+        prog: a prepared program (``stepq.prepare``).
+        data: the calibration inputs; every batch runs once through the observers.
+        max_batches: use at most this many batches of ``data``.
+        progress: show tqdm bars.
+        passes, dump: as in ``prepare``.
+
+    Cost: one forward per batch, then the observers' range search (an MSE observer tries
+    ``num_candidates`` ranges per quantizer); a TDQ recipe then runs ``recipe.tdq.fit_steps`` Adam
+    steps (forward + backward of the quantized model on ``fit_batch × fit_rows`` samples each).
     """
     _require(prog, ("prepared",), "calibrate")
     if data is None:
@@ -86,7 +105,18 @@ def train(prog: Program, train_data: Iterator[tuple[Mapping[str, Any], torch.Ten
     ``stepq.methods.qat.denoising_batches(x0, scheduler, make_inputs, batch_size=...)``.
     ``recipe.qalora`` (EfficientDM): data-free distillation from ``fp_model`` (the teacher, not
     modified) along its own trajectories, drawn as ``sampling`` says (``stepq.Sampling``; what
-    ``stepq.calibration.collect`` ran is in its result's ``.sampling``)."""
+    ``stepq.calibration.collect`` ran is in its result's ``.sampling``).
+
+    Args:
+        prog: a calibrated program whose recipe has a ``qat`` or ``qalora`` section.
+        train_data: (QAT) the endless (inputs, ε) iterator.
+        fp_model: (QALoRA) the floating-point teacher.
+        sampling: (QALoRA) how the teacher's trajectories are drawn.
+        progress: show tqdm bars.
+        passes, dump: as in ``prepare``.
+
+    Cost: ``qat.steps`` (LSQ, ternary) or ``qalora.steps`` (EfficientDM) forward + backward passes.
+    """
     _require(prog, ("calibrated",), "train")
     r = prog.recipe
     if r.qat is None and r.qalora is None:
@@ -104,7 +134,17 @@ def train(prog: Program, train_data: Iterator[tuple[Mapping[str, Any], torch.Ten
 
 def convert(prog: Program, *, inplace: bool = False, report: bool = True, passes: Sequence[At] = (),
             dump: str | os.PathLike[str] | None = None) -> QuantizedModel:
-    """Freeze the program: the per-layer report, frozen scales and tables, integer weights."""
+    """Freeze the program: the per-layer report, frozen scales and tables, integer weights.
+
+    Args:
+        prog: a calibrated (or, for weight-only recipes, prepared) program.
+        inplace: convert ``prog`` itself instead of a copy (the copy leaves ``prog`` usable: it
+            can be trained or fitted further and converted again).
+        report: measure the per-layer SQNR on the kept calibration batch (two forwards).
+        passes, dump: as in ``prepare``.
+
+    Returns a ``QuantizedModel``.
+    """
     _require(prog, ("calibrated", "prepared"), "convert")
     if prog.stage == "prepared" and observer_nodes(prog.gm):
         raise PreconditionError("convert: the program has observers that saw no data; run stepq.calibrate first")
@@ -136,6 +176,36 @@ def quantize(
 ) -> QuantizedModel:
     """capture → prepare → calibrate → (train) → convert → (ptqd): every phase of the pipeline in one
     call. The model is not modified.
+
+    Args:
+        model: the floating-point denoiser (any ``nn.Module``; diffusers UNets and DiTs included).
+        example_inputs: one call's keyword arguments (a dict) or positional arguments (a tuple).
+        recipe: a preset name (``stepq presets``), a ``Recipe`` or its ``to_dict()`` form.
+        calibration: an iterable of input dicts, e.g. ``stepq.calibration.collect(...)``.
+        timestep_arg: the name of the timestep input (default: found by name).
+        sample_arg: the name of the sample input (default: found by name).
+        dynamic_batch: capture with a symbolic batch dimension.
+        timestep_scale: multiplies a call's timestep to give the integer training timestep
+            (1000 for flow-matching models called with t in [0, 1]).
+        train_data, ptqd_data, ptqd_scheduler, sampling: see below.
+        progress: show tqdm bars.
+        passes: a user's passes (``stepq.At``); dump: a folder for the graph after every pass.
+
+    What a recipe costs beyond calibration (one forward per calibration batch plus the
+    observers' range search):
+
+    * TDQ in PTQ (``wXaY-tdq``, ``-steptable``): ``recipe.tdq.fit_steps`` Adam steps (300 in the
+      presets), each a forward and backward pass on ``fit_batch x fit_rows`` = 32 samples (digits
+      DiT: the 300-step fit is most of the 195 s ``build_s`` of ``stepq w4a4-tdq`` in
+      docs/results/quality_dit.json, against 38 s for static W4A4). Set ``fit_steps`` lower to
+      trade quality for time (examples/demo.py: 100 steps); ``time_budget_s`` caps the wall time,
+      but then the result depends on the machine's speed.
+    * QAT (``w4a4-qat``, ``w4a4-tdq-qat``): ``recipe.qat.steps`` (500) steps on batches of 64 real
+      images (digits DiT and UNet: 280-300 s on 2 CPU cores, ``build_s`` in docs/results/quality_*.json).
+    * QALoRA (``wXaY-qalora``, EfficientDM): ``recipe.qalora.steps`` (400) distillation steps, each
+      a quantized forward + backward and an FP forward along the FP model's own trajectories.
+    * ternary (``ternary-dit``, TerDiT): ``recipe.qat.steps`` (1000) QAT steps of 64 real images.
+    * PTQD (``-ptqd``): one more pass over the calibration data (statistics), no training.
 
     QAT recipes (``recipe.qat``) also need ``train_data``: an endless iterator of (inputs, target ε),
     e.g. ``stepq.methods.qat.denoising_batches(x0, scheduler, make_inputs, batch_size=...)``.
@@ -188,6 +258,7 @@ def apply_ptqd(qm: QuantizedModel, fp_model: Any, data: Iterable[Mapping[str, An
             ``config.guidance_scale`` when the model is guided (the dicts are then [cond; uncond] calls).
         config: overrides ``qm.recipe.ptqd`` (and is recorded in the recipe); default ``PTQDConfig()``.
         scheduler: the diffusers scheduler whose ᾱ_t gives SNR^F for mixed precision (default: DDPM's).
+        passes, dump: as in ``prepare``.
     """
     if not isinstance(qm, QuantizedModel):
         raise PreconditionError(f"stepq.ptqd.apply takes a QuantizedModel, got {type(qm).__name__}")
@@ -204,7 +275,8 @@ def apply_ptqd(qm: QuantizedModel, fp_model: Any, data: Iterable[Mapping[str, An
 
 def ptqd_with_config(qm: QuantizedModel, config: PTQDConfig) -> QuantizedModel:
     """A copy of ``qm`` with its measured PTQD statistics applied under other flags (an ablation):
-    the ptqd phase's refresh_tables re-fills the correction from the same statistics."""
+    the ptqd phase's refresh_tables re-fills the correction from the same statistics. ``config``
+    is the ``PTQDConfig`` to apply (its ``mixed_bits`` must be the measured ones)."""
     prog = qm.program
     if not prog.state.has("ptqd"):
         raise PreconditionError("with_config needs a model with PTQD statistics (run stepq.ptqd.apply)")

@@ -75,7 +75,10 @@ class Stage:
 @dataclass(frozen=True)
 class At:
     """A user's pass (or step) put into the pipeline right ``after`` or ``before`` the stage of that
-    name; it runs in that stage's phase. ``At(MyPass(), after="annotate_layers")``."""
+    name; it runs in that stage's phase. ``At(MyPass(), after="annotate_layers")``.
+
+    ``item``: a ``Pass`` or ``Step`` (a callable with a string ``name``); give exactly one of
+    ``after`` and ``before``."""
 
     item: Pass | Step
     after: str | None = None

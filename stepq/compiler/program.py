@@ -172,7 +172,16 @@ class InputSignature:
 
 @dataclass
 class Program:
-    """A captured denoiser on its way through the pipeline."""
+    """A captured denoiser on its way through the pipeline (what ``stepq.capture`` returns).
+
+    ``gm``: the ``torch.fx.GraphModule`` every pass rewrites; ``signature``: how the model is
+    called (``InputSignature``); ``timestep_arg`` / ``sample_arg``: the names of the timestep and
+    sample inputs; ``model_name``: the source model's class; ``timestep_scale``: the factor that
+    maps a call's timestep to the integer training timestep (1000 for flow matching's t ∈ [0, 1]);
+    ``recipe``: the ``Recipe`` once prepared; ``stage``: ``captured`` → ``prepared`` →
+    ``calibrated`` → ``converted``; ``history``: the passes run so far; ``state``: method state
+    that is not in the graph (observer statistics, timestep tables, PTQD statistics).
+    """
 
     gm: torch.fx.GraphModule
     signature: InputSignature

@@ -52,10 +52,12 @@ def register_preset(name: str, factory: Callable[[], Recipe]) -> None:
 
 
 def preset_names() -> list[str]:
+    """The names of every registered preset, sorted (``stepq presets`` describes each in one line)."""
     return sorted(_PRESETS)
 
 
 def get_preset(name: str) -> Recipe:
+    """A fresh ``Recipe`` for the preset ``name``; an unknown name raises ``RecipeError`` listing the presets."""
     try:
         factory = _PRESETS[name]
     except KeyError:

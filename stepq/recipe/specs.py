@@ -119,7 +119,10 @@ class PercentileObserver:
 @dataclass(frozen=True)
 class MSEObserver:
     """Shrink the min-max range by (1 − i/num_candidates) and keep the candidate with the smallest
-    mean |x − Q(x)|^norm (the LAPQ / Q-Diffusion search; norm 2.4 in their code, 2 here by default)."""
+    mean |x − Q(x)|^norm (the LAPQ / Q-Diffusion search; norm 2.4 in their code, 2 here by default).
+
+    ``num_candidates`` ranges are tried, from the full min-max range down to ``1 − max_shrink`` of it;
+    the cost is one quantize-dequantize of the observed tensor per candidate."""
 
     num_candidates: int = 80
     norm: float = 2.0
@@ -143,7 +146,12 @@ _OBSERVERS: dict[str, type] = {c.kind: c for c in (MinMaxObserver, PercentileObs
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one tensor is quantized: grid, symmetry, granularity and how its range is observed."""
+    """How one tensor is quantized: grid, symmetry, granularity and how its range is observed.
+
+    ``bits``: the grid width (2…8); ``signed``: the grid [−2^(b−1), 2^(b−1)−1], else [0, 2^b−1];
+    ``symmetric``: zero point 0 (needs ``signed``), else an affine zero point; ``granularity``:
+    ``PerTensor()``, ``PerChannel(axis)`` or ``PerGroup(axis, size)``; ``observer``: how the range
+    is found (``MinMaxObserver``, ``PercentileObserver``, ``MSEObserver``)."""
 
     bits: int = 8
     signed: bool = True
@@ -211,7 +219,9 @@ class TernarySpec:
 
     Weight-only (a layer's activation spec stays None or any QuantSpec). ``packing`` is how the codes
     are stored at convert: ``"base3"`` (5 per byte, 1.6 bits) or ``"2bit"`` (4 per byte). ``bits`` is
-    the width of the integer grid the codes live on (2), for reports and backends.
+    the width of the integer grid the codes live on (2), for reports and backends. ``granularity``:
+    ``PerTensor()`` (one γ and α per tensor, TerDiT's) or ``PerChannel(0)`` (one per output channel);
+    ``eps`` keeps the division finite for an all-zero weight.
     """
 
     granularity: PerTensor | PerChannel = field(default_factory=PerTensor)
@@ -302,6 +312,10 @@ class LayerRule:
     """Selects ops by module-path regex (``re.fullmatch``; None = any path), op kind and role.
 
     All given conditions must hold. ``spec`` None keeps the selected ops in floating point.
+    ``pattern``: the regex over the op's module path (``transformer_blocks\\.0\\..*``); ``ops``: op
+    kinds (``linear``, ``conv2d``, ``attention``…); ``roles``: structural roles found from the graph
+    (``input``, ``output``, ``timestep_embedding``…; empty = any); ``name``: shown in reports and
+    in the graph's ``stepq.rule`` meta.
     """
 
     spec: LayerSpec | None
@@ -449,6 +463,8 @@ class PTQDConfig(_Section):
     ``guidance_scale`` (the scale the measuring data was recorded with); ``normality_samples`` caps
     the residual elements per timestep kept for the normality test. ``snr_margin`` m makes the bit
     choice stricter: a width qualifies when SNR^Q(t) > m·SNR^F(t) (the paper's rule is m = 1).
+    ``seed`` seeds the subsampling of residuals for the normality test. Cost: one pass of the
+    quantized and the FP model over the measuring data (no training).
     """
 
     correlated: bool = True
@@ -494,7 +510,12 @@ class QALoRAConfig(_Section):
     average). Weight steps Δ_w learn at ``weight_step_lr``; zero points of weights stay fixed.
     ``talsq``: one learned activation step and zero point per timestep (a table gathered by t) at
     ``act_lr``; timesteps the trajectories never visit are interpolated. At convert the adapters are
-    folded: W_int = round((deq(W₀) + B·A)/Δ_w) + z_w with the trained Δ_w, z_w.
+    folded: W_int = round((deq(W₀) + B·A)/Δ_w) + z_w with the trained Δ_w, z_w. ``seed`` seeds the
+    adapters' initialisation and the trajectories' noise.
+
+    Cost: ``steps`` forward + backward passes of the quantized model plus as many FP forwards, on
+    ``batch_size`` samples (with guidance, twice that); the 400-step digits-DiT run of
+    docs/EFFICIENTDM.md took minutes on 2 CPU cores (its measured time: results/efficientdm_cost.json).
     """
 
     rank: int = 32
@@ -527,7 +548,11 @@ class TerDiTConfig(_Section):
     """TerDiT (ternary DiT): ``rmsnorm`` inserts an RMSNorm (weight initialised to 1, ``rmsnorm_eps``)
     over every block's adaLN modulation output before its chunk into shift / scale / gate
     (``stepq.passes.insert_rmsnorm``); the ternary weights themselves are ``TernarySpec`` rules, and
-    the training settings are the recipe's ``qat`` section (steps, lr for weights, ``scale_lr`` for α)."""
+    the training settings are the recipe's ``qat`` section (steps, lr for weights, ``scale_lr`` for α).
+    ``grad_clip`` clips the global gradient norm of each training step (None: no clipping).
+
+    Cost: ``qat.steps`` forward + backward passes on ``qat.batch_size`` real images (the shipped
+    digits DiT: 1000 steps of 64, docs/TERDIT.md)."""
 
     rmsnorm: bool = True
     rmsnorm_eps: float = 1e-6
@@ -543,9 +568,14 @@ class TerDiTConfig(_Section):
 class Recipe:
     """An ordered rule list, a default, and the settings the method passes read.
 
+    ``name`` names it in reports and artefacts; ``rules`` are tried in order for every op (first
+    match wins) and ``default`` (a ``LayerSpec``, or None = float) takes the ops no rule selects.
     ``num_train_timesteps`` is T: timestep-indexed tables have T entries, indexed by the integer
     training timestep. ``timestep_policy`` says what a timestep outside [0, T) does: raise
-    (``"error"``) or clamp with a warning (``"clamp"``).
+    (``"error"``) or clamp with a warning (``"clamp"``). Method sections (None = not used):
+    ``tdq`` (``TDQConfig``), ``qat`` (``QATConfig``), ``ptqd`` (``PTQDConfig``), ``qalora``
+    (``QALoRAConfig``), ``terdit`` (``TerDiTConfig``); their docstrings say what each costs.
+    ``version`` is the recipe format's version (checked by ``from_dict``).
     """
 
     name: str

@@ -55,7 +55,10 @@ aten = torch.ops.aten
 
 @dataclass
 class MixedPrecision:
-    """The per-timestep activation widths and the curves they were chosen from."""
+    """The per-timestep activation widths and the curves they were chosen from: ``bits`` (the
+    candidate widths, ascending), ``table`` ([T] the width at each training timestep), ``snr_q``
+    ([len(bits), T]), ``snr_f`` ([T]), ``visited`` ([T] measured) and ``margin`` (a width qualifies
+    when SNR^Q > margin·SNR^F)."""
 
     bits: tuple[int, ...]  # candidate widths, ascending
     table: Tensor  # [T] int64: the width at each training timestep
@@ -72,7 +75,8 @@ class MixedPrecision:
 
 
 def forward_snr(scheduler: Any, num_train_timesteps: int) -> Tensor:
-    """SNR^F(t) for t in [0, T) of a diffusers scheduler (ᾱ/(1 − ᾱ); flow matching ((1 − σ)/σ)², σ = t/T)."""
+    """SNR^F(t) for t in [0, T) of a diffusers ``scheduler`` (ᾱ/(1 − ᾱ); flow matching ((1 − σ)/σ)²,
+    σ = t/T), T = ``num_train_timesteps``."""
     alphas = getattr(scheduler, "alphas_cumprod", None)
     if alphas is not None:
         a = torch.as_tensor(alphas).double()
@@ -85,7 +89,8 @@ def forward_snr(scheduler: Any, num_train_timesteps: int) -> Tensor:
 
 
 def choose_bits(snr_q: Tensor, snr_f: Tensor, bits: Sequence[int]) -> Tensor:
-    """[T] int64: per timestep the smallest width whose SNR^Q exceeds SNR^F, else the largest."""
+    """[T] int64: per timestep the smallest width of ``bits`` whose SNR^Q exceeds SNR^F, else the
+    largest. ``snr_q`` is [len(bits), T], ``snr_f`` [T]."""
     bits = list(bits)
     if snr_q.shape != (len(bits), snr_f.numel()):
         raise ValueError(f"snr_q must be [{len(bits)}, {snr_f.numel()}], got {tuple(snr_q.shape)}")
@@ -143,7 +148,7 @@ class CalibrateWidths(Step):
 
 
 def set_bits(qm: QuantizedModel, bits: int | Tensor) -> None:
-    """Write the model's bits table in place: one width for every timestep, or a [T] table."""
+    """Write ``qm``'s bits table in place: ``bits`` is one width for every timestep, or a [T] table."""
     if not has_attr(qm.gm, BITS_TABLE):
         raise PreconditionError("the model has no per-timestep bit switch (select_bits did not run)")
     buf = fetch_attr(qm.gm, BITS_TABLE)
@@ -165,7 +170,8 @@ def specialize(qm: QuantizedModel, bits: int) -> QuantizedModel:
 
 @dataclass(frozen=True)
 class LayerCost:
-    """One conv / linear layer: MACs per sample and its operand widths (None = switched per step)."""
+    """One conv / linear ``layer``: ``macs`` per sample and its operand widths ``w_bits`` and
+    ``a_bits`` (None = switched per step)."""
 
     layer: str
     macs: int
@@ -186,7 +192,8 @@ def _act_bits(x: Any) -> int | None:
 
 @torch.no_grad()
 def layer_costs(qm: QuantizedModel, inputs: Mapping[str, Any]) -> list[LayerCost]:
-    """MACs per sample and operand widths of every conv2d / linear, shapes from one run on ``inputs``."""
+    """MACs per sample and operand widths of every conv2d / linear of ``qm``, shapes from one run on
+    ``inputs``."""
     prog = qm.program
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
@@ -218,7 +225,8 @@ def layer_costs(qm: QuantizedModel, inputs: Mapping[str, Any]) -> list[LayerCost
 
 def bit_operations(costs: Sequence[LayerCost], table: Tensor | None, timesteps: Sequence[int] | Tensor) -> dict[str, float]:
     """Mean BOPs per sample and step over ``timesteps`` with per-step widths from ``table``, and the
-    same layers at W8A8 (every quantized operand at 8 bits, float ones at 32) and in FP32."""
+    same layers at W8A8 (every quantized operand at 8 bits, float ones at 32) and in FP32.
+    ``costs`` is ``layer_costs(qm, inputs)``; ``table`` None means fixed widths."""
     ts = torch.as_tensor(timesteps).long().reshape(-1)
     total = w8a8 = fp = 0.0
     for t in ts.tolist():

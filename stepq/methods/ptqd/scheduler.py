@@ -50,7 +50,7 @@ class UnsupportedSchedulerError(StepqError, ValueError):
 
 
 def scheduler_kind(scheduler: Any) -> str:
-    """"ddpm", "ddim" or "flow" for the diffusers schedulers PTQD supports."""
+    """"ddpm", "ddim" or "flow" for a diffusers ``scheduler`` PTQD supports."""
     names = {c.__name__ for c in type(scheduler).__mro__}
     if "DDPMScheduler" in names:
         return "ddpm"

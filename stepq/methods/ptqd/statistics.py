@@ -80,7 +80,9 @@ def fill_table(values: Tensor, visited: Tensor) -> Tensor:
 
 @dataclass
 class Normality:
-    """``scipy.stats.normaltest`` of the residual at each measured timestep (ascending t)."""
+    """``scipy.stats.normaltest`` of the residual at each measured timestep (ascending t): the
+    ``timesteps``, the D'Agostino–Pearson ``statistic`` and its ``pvalue``, ``skew``, excess
+    ``kurtosis`` and ``n`` (elements tested), each [V]."""
 
     timesteps: Tensor  # [V] int64
     statistic: Tensor  # [V] D'Agostino–Pearson K²
@@ -110,7 +112,10 @@ class Normality:
 
 @dataclass
 class PTQDStats:
-    """PTQD's per-timestep tables over the training-timestep grid [0, T) (see module docstring)."""
+    """PTQD's per-timestep tables over the training-timestep grid [0, T) (see module docstring):
+    ``k`` (the clipped slope) and ``slope`` (raw), ``bias`` [T, C], ``sigma`` (residual std),
+    ``snr`` (‖ε‖/‖ε̂ − ε‖), ``visited`` (measured; other rows interpolated), ``count`` (elements
+    measured) and ``normality`` (the residual's normality test, or None)."""
 
     k: Tensor  # [T] clipped slope
     slope: Tensor  # [T] the raw regression slope (may be negative)
@@ -183,7 +188,10 @@ class _Subsample:
 
 
 class ErrorAccumulator:
-    """Accumulates (ε, ε̂) pairs by training timestep and turns them into ``PTQDStats``."""
+    """Accumulates (ε, ε̂) pairs by training timestep and turns them into ``PTQDStats``.
+
+    ``num_train_timesteps`` (T) rows of ``channels`` channels each; ``normality_samples`` caps the
+    residual elements kept per timestep for the normality test (None: no test), drawn with ``seed``."""
 
     def __init__(self, num_train_timesteps: int, channels: int, *, normality_samples: int | None = 20000,
                  seed: int = 0):
@@ -319,7 +327,8 @@ def _prediction(out: Any, guidance_scale: float, channels: int | None) -> Tensor
 @torch.no_grad()
 def predictions(model: Model, data: Iterable[Mapping[str, Any]], *, guidance_scale: float = 1.0,
                 channels: int | None = None) -> list[Tensor]:
-    """The (guidance-combined, first ``channels``) prediction of ``model`` on every input dict."""
+    """The (guidance-combined at ``guidance_scale``, first ``channels``) prediction of ``model`` on
+    every input dict of ``data``."""
     return [_prediction(model(**item), guidance_scale, channels) for item in data]
 
 
@@ -349,7 +358,9 @@ def measure(fp: Model | Sequence[Tensor], quantized: Model, data: Iterable[Mappi
     ``guidance_scale != 1`` each dict is the batched [cond; uncond] call and the statistics are taken
     on the guidance-combined prediction. ``fp`` may be the list ``predictions(fp_model, data, ...)``
     (reused across measurements). ``channels`` keeps the first channels of the outputs (learned
-    variance); by default all of them. Timesteps map to table rows as in the compiled graph
+    variance); by default all of them. ``timestep_arg`` names the timestep input, ``num_train_timesteps``
+    is T, ``timestep_scale`` maps a call's timestep to the integer grid; ``normality_samples`` and
+    ``seed`` as in ``ErrorAccumulator``. Timesteps map to table rows as in the compiled graph
     (``stepq.compiler.timesteps.timestep_index`` with the recipe's ``timestep_policy``: a timestep
     outside [0, T] raises, or clamps with a warning).
     """

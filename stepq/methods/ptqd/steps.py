@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def copy_model(qm: QuantizedModel) -> QuantizedModel:
-    """An independent copy of a compiled model (graph, buffers and state)."""
+    """An independent copy of the compiled model ``qm`` (graph, buffers and state)."""
     prog = qm.program
     return QuantizedModel(prog.copy())
 
