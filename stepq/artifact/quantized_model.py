@@ -30,6 +30,7 @@ from stepq.artifact.store import load_program, save_program
 from stepq.compiler import meta
 from stepq.compiler.errors import ArtifactError, UnsupportedConversionError
 from stepq.compiler.graph_utils import fetch_attr
+from stepq.compiler.noise import contained_noise
 from stepq.compiler.program import Program
 
 if TYPE_CHECKING:
@@ -112,7 +113,8 @@ class QuantizedModel(torch.nn.Module):
         """The source model's config (a diffusers ``FrozenDict``: items and attributes), or None when
         the model had none."""
         if self._config is None and self.program.model_config is not None:
-            from diffusers.configuration_utils import FrozenDict
+            with contained_noise():  # diffusers imports torchao, which reports its missing CUDA extensions
+                from diffusers.configuration_utils import FrozenDict
 
             self._config = FrozenDict(self.program.model_config)
         return self._config
@@ -247,7 +249,8 @@ class QuantizedModel(torch.nn.Module):
             from stepq.backends import get_backend
 
             backend = get_backend(backend)
-        return backend.export(self, path, **options)
+        with contained_noise():  # torch.onnx's torchvision / nn_module_stack lines; stepq's warnings stay
+            return backend.export(self, path, **options)
 
     def export_onnx(self, path: str | os.PathLike[str], **options: Any) -> Any:
         """Write quantized ONNX for ONNX Runtime: ``export("onnx", path, **options)``; a PTQD

@@ -24,6 +24,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from stepq.compiler.errors import CaptureError
+from stepq.compiler.noise import contained_noise
 from stepq.compiler.program import InputSignature, Program
 
 __all__ = ["TIMESTEP_NAMES", "capture"]
@@ -232,7 +233,7 @@ def capture(
     flags = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), contained_noise():
             ep = torch.export.export(model, (), export_inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except CaptureError:
         raise
