@@ -174,3 +174,23 @@ def test_load_takes_a_device(tmp_path, qm, loaded):
         stepq.load(str(path), device="cpu", map_location="meta")
     with pytest.raises(TypeError, match="mapping"):
         stepq.load(str(path), map_location={"cuda:0": "cpu"})
+
+
+@pytest.mark.slow
+def test_cli_quantize_with_one_calibration_sample_keeps_the_batch(tmp_path):
+    from stepq.backends.onnx import load as load_onnx
+    from stepq.cli import main
+
+    out = tmp_path / "ddpm-w8a8"
+    assert main(["quantize", "digits-ddpm", "w8a8", str(out), "--calib-samples", "1", "--steps", "2", "--quiet"]) == 0
+    q = stepq.load(str(out))
+    assert q.program.signature.tensors["sample"].shape[0] == 1  # calibrated at batch 1 ...
+    assert isinstance(q.program.placeholder("sample").meta["val"].shape[0], torch.SymInt)  # ... batch symbolic
+    x = torch.randn(3, 1, 16, 16)
+    ref = q(x, torch.tensor(500), return_dict=False)[0]
+    assert main(["export-onnx", str(out), str(tmp_path / "m.onnx")]) == 0
+    dim0 = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param
+    got = model_output(load_onnx(tmp_path / "m.onnx", threads=1)(sample=x, timestep=torch.full((3,), 500),
+                                                                  return_dict=False))
+    assert got.shape == ref.shape and _rel(got, ref) < 3e-2
