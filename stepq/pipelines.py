@@ -82,10 +82,11 @@ class record_calls:
         self.model = model
         self.signature = inspect.signature(model.forward)
         names = list(self.signature.parameters)
-        self.timestep_arg = timestep_arg or next((n for n in TIMESTEP_NAMES if n in names), None)
-        if self.timestep_arg is None:
+        found = timestep_arg or next((n for n in TIMESTEP_NAMES if n in names), None)
+        if found is None:
             raise CaptureError(f"{type(model).__name__}.forward has none of the timestep arguments "
                                f"{list(TIMESTEP_NAMES)}; pass timestep_arg='<name>'")
+        self.timestep_arg: str = found
         self.data = CalibrationData(timestep_arg=self.timestep_arg)
         self._handle: Any = None
 

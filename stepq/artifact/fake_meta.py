@@ -85,7 +85,8 @@ def _fake_input(mode: FakeTensorMode, spec: Mapping[str, Any]) -> torch.Tensor:
     sizes = [d["hint"] if isinstance(d, Mapping) else int(d) for d in dims]
     real = torch.zeros(sizes, dtype=getattr(torch, spec["dtype"]))
     dynamic = [DimDynamic.DYNAMIC if isinstance(d, Mapping) else DimDynamic.STATIC for d in dims]
-    ctx = StatelessSymbolicContext(dynamic_sizes=dynamic, constraint_sizes=[None] * len(dims))  # type: ignore[arg-type]
+    ctx: StatelessSymbolicContext = StatelessSymbolicContext(
+        dynamic_sizes=dynamic, constraint_sizes=[None] * len(dims))  # type: ignore[arg-type]
     return mode.from_tensor(real, symbolic_context=ctx)
 
 

@@ -34,10 +34,11 @@ def tiny_vae(channels: int, latent_channels: int) -> Any:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(in_channels=channels, out_channels=channels, latent_channels=latent_channels,
+    vae = AutoencoderKL(in_channels=channels, out_channels=channels, latent_channels=latent_channels,
                          block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
                          up_block_types=("UpDecoderBlock2D",), layers_per_block=1, norm_num_groups=4,
-                         sample_size=16, shift_factor=0.0).eval()
+                         sample_size=16, shift_factor=0.0)
+    return vae.eval()  # type: ignore[attr-defined]
 
 
 def tiny_clip_tokenizer() -> Any:
