@@ -32,14 +32,15 @@ _MIN_HINT = 2  # a symbolic dimension's example size: 0 and 1 would be specialis
 
 
 def placeholder_shapes(gm: torch.fx.GraphModule) -> list[dict[str, Any] | None]:
-    """Shape and dtype of every tensor placeholder, in order (None for a non-tensor one)."""
+    """Shape and dtype of every tensor placeholder, in order; ``{"const": v}`` for a captured constant
+    (``return_dict=False`` is a placeholder of ``ep.module()``), None for anything else."""
     out: list[dict[str, Any] | None] = []
     for n in gm.graph.nodes:
         if n.op != "placeholder":
             continue
         v = n.meta.get("val")
         if not isinstance(v, torch.Tensor):
-            out.append(None)
+            out.append({"const": v} if isinstance(v, (bool, int, float, str)) else None)
             continue
         dims: list[Any] = []
         for d in v.shape:
@@ -76,7 +77,7 @@ def shapes_from_signature(gm: torch.fx.GraphModule, signature: InputSignature) -
                 dims[0] = {"sym": "batch", "hint": max(dims[0], _MIN_HINT)}
             out.append({"shape": dims, "dtype": info.dtype})
         else:
-            out.append(None)
+            out.append({"const": v} if isinstance(v, (bool, int, float, str)) else None)
     return out
 
 
@@ -104,6 +105,9 @@ def restore_fake_meta(gm: torch.fx.GraphModule, shapes: list[dict[str, Any] | No
     for node, spec in zip(placeholders, shapes):
         if spec is None:
             args.append(node.meta.get("val"))
+        elif "const" in spec:  # a captured constant (return_dict=False): the placeholder's value
+            node.meta["val"] = spec["const"]
+            args.append(spec["const"])
         else:
             args.append(_fake_input(mode, spec))
     prop = FakeTensorProp(gm, mode)

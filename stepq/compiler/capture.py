@@ -27,7 +27,7 @@ from stepq.compiler.errors import CaptureError
 from stepq.compiler.noise import contained_noise
 from stepq.compiler.program import InputSignature, Program
 
-__all__ = ["TIMESTEP_NAMES", "capture"]
+__all__ = ["TIMESTEP_NAMES", "capture", "widen_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _model_config(model: torch.nn.Module) -> dict[str, Any] | None:
     return out
 
 
-def _widen_batch(inputs: dict[str, Any], sample: str | None) -> dict[str, Any]:
+def widen_batch(inputs: dict[str, Any], sample: str | None) -> dict[str, Any]:
     """A batch-1 example, repeated to batch 2 for export: torch.export specialises a dimension of size
     1 (0/1 specialisation), so ``Dim.AUTO`` alone would lock the graph to batch 1. Every tensor whose
     dim 0 is the sample's batch (1) is repeated; the graph computes the same for each row."""
@@ -227,7 +227,7 @@ def capture(
     dynamic_shapes = None
     export_inputs = inputs
     if dynamic_batch:
-        export_inputs = _widen_batch(inputs, sample)
+        export_inputs = widen_batch(inputs, sample)
         dynamic_shapes = {k: pytree.tree_map(_batch_dim, v) for k, v in export_inputs.items()}
 
     flags = {m: m.training for m in model.modules()}

@@ -37,6 +37,7 @@ from stepq.backends.onnx.lower import LoweringResult, lower
 from stepq.backends.onnx.partition import OnnxPartitioner
 from stepq.backends.onnx.postprocess import materialize_int4, write_metadata
 from stepq.backends.onnx.translation import TRANSLATION_TABLE
+from stepq.compiler.capture import widen_batch
 from stepq.compiler.errors import FallbackWarning, PostconditionError, StepqError
 from stepq.compiler.program import InputSignature
 
@@ -226,6 +227,8 @@ def export_graph(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dyna
 
     signature: InputSignature = qm.program.signature
     kwargs = example_inputs(signature)
+    if dynamic_batch:  # a batch-1 capture: trace torch.onnx's export at batch 2, or it fixes the batch at 1
+        kwargs = widen_batch(kwargs, qm.program.sample_arg)
     model: ir.Model | None = None
     out_spec: Any = None
     if translator == "direct" and not dynamic_batch:
