@@ -160,7 +160,7 @@ def test_a_fallback_to_float_kernels_is_a_warning(qm, tmp_path):
     broken = copy.deepcopy(qm)
     conv = next(n for n in broken.gm.graph.nodes if n.target is torch.ops.aten.conv2d.default)
     conv.args[0].meta.pop("val")  # what a loaded graph looked like before its metadata was restored
-    with pytest.warns(FallbackWarning, match=r"1 quantized node\(s\) run as float kernels.*not a known 4-D tensor"):
+    with pytest.warns(FallbackWarning, match=r"(?s)1 quantized node\(s\) run as float kernels.*not a known 4-D tensor"):
         broken.export_onnx(tmp_path / "fallback.onnx")
 
 
