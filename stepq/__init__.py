@@ -2,6 +2,7 @@
 
     qm = stepq.quantize(model, example_inputs, recipe="w8a8", calibration=data)
     qm(**inputs); qm.report(); qm.save(path); stepq.load(path)
+    qpipe = stepq.quantize_pipeline(pipe, "w8a8", prompts=[...])   # a diffusers pipeline, calibrated on its own calls
 
 Step by step: ``capture`` → ``prepare`` → ``calibrate`` → (``train``) → ``convert``; the stages of
 every phase are listed in one place, ``stepq.build_pipeline(recipe)``.
@@ -21,14 +22,18 @@ from stepq.compiler.errors import (
     ArtifactError,
     CalibrationError,
     CaptureError,
+    FallbackWarning,
     InputSignatureError,
     PassError,
     RecipeError,
     StepqError,
+    StepqWarning,
     TimestepRangeError,
+    UnsupportedConversionError,
 )
 from stepq.compiler.pipeline import At, build_pipeline
 from stepq.compiler.program import Program
+from stepq.pipelines import quantize_pipeline
 from stepq.recipe.presets import get_preset, preset_names
 from stepq.recipe.specs import (  # TerDiT
     LayerRule,
@@ -88,5 +93,6 @@ __all__ = [
 ]
 
 __all__ += ["TerDiTConfig", "TernarySpec"]
+__all__ += ["FallbackWarning", "StepqWarning", "UnsupportedConversionError", "quantize_pipeline"]
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from stepq.artifact.fake_meta import placeholder_shapes, restore_fake_meta, shapes_from_signature
 from stepq.artifact.report import LayerReport
 from stepq.artifact.serialize import graph_from_json, graph_to_json
 from stepq.compiler.errors import ArtifactError
@@ -91,6 +92,9 @@ def save_program(prog: Program, path: str | os.PathLike[str]) -> None:
         "timestep_arg": prog.timestep_arg,
         "sample_arg": prog.sample_arg,
         "timestep_scale": prog.timestep_scale,
+        "model_config": prog.model_config,
+        "output_class": prog.output_class,
+        "placeholders": placeholder_shapes(prog.gm),
         "signature": prog.signature.to_dict(),
         "recipe": prog.recipe.to_dict(),
         "history": list(prog.history),
@@ -109,8 +113,12 @@ def save_program(prog: Program, path: str | os.PathLike[str]) -> None:
     _atomic_dir(Path(path), write)
 
 
-def load_program(path: str | os.PathLike[str]) -> Program:
-    """Read a converted program written by ``save_program`` (checked: format, versions, checksum)."""
+def load_program(path: str | os.PathLike[str], *, device: str | torch.device | None = None) -> Program:
+    """Read a converted program written by ``save_program`` (checked: format, versions, checksum).
+
+    ``device``: where the tensors go (safetensors loads them there directly; default CPU). The
+    graph's nodes get their FakeTensor metadata back (``fake_meta.restore_fake_meta``), so the
+    backends see the same graph as after convert."""
     root = Path(path)
     mpath, tpath = root / MANIFEST, root / TENSORS
     if not mpath.is_file():
@@ -132,7 +140,7 @@ def load_program(path: str | os.PathLike[str]) -> Program:
     if _sha256(tpath) != manifest.get("tensors_sha256"):
         raise ArtifactError(f"{tpath}: checksum mismatch; the file is corrupt or does not belong to this manifest")
     try:
-        tensors = load_file(str(tpath))
+        tensors = load_file(str(tpath), device=str(torch.device(device)) if device is not None else "cpu")
     except Exception as e:
         raise ArtifactError(f"{tpath}: unreadable safetensors file: {e}") from None
     state_tensors: dict[str, dict[str, torch.Tensor]] = {}
@@ -143,6 +151,8 @@ def load_program(path: str | os.PathLike[str]) -> Program:
         gm = graph_from_json(manifest["graph"], tensors)
         recipe = Recipe.from_dict(manifest["recipe"])
         signature = InputSignature.from_dict(manifest["signature"])
+        shapes = manifest.get("placeholders") or shapes_from_signature(gm, signature)
+        restore_fake_meta(gm, shapes, where=str(mpath))
     except ArtifactError as e:
         raise ArtifactError(f"{mpath}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
@@ -150,6 +160,7 @@ def load_program(path: str | os.PathLike[str]) -> Program:
     prog = Program(gm=gm, signature=signature, timestep_arg=manifest["timestep_arg"],
                    sample_arg=manifest.get("sample_arg"), model_name=manifest.get("model_name", "?"),
                    timestep_scale=float(manifest.get("timestep_scale", 1.0)), recipe=recipe, stage="converted",
+                   model_config=manifest.get("model_config"), output_class=manifest.get("output_class"),
                    history=list(manifest.get("history", [])))
     state = ProgramState(report=[LayerReport(**r) for r in manifest.get("report", [])])
     for key, j in manifest.get("state", {}).items():

@@ -8,10 +8,13 @@ the graph module (``ep.module()`` shares their storage), and its training flags 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 import logging
 import os
 import traceback
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,9 +24,10 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from stepq.compiler.errors import CaptureError
+from stepq.compiler.noise import contained_noise
 from stepq.compiler.program import InputSignature, Program
 
-__all__ = ["TIMESTEP_NAMES", "capture"]
+__all__ = ["TIMESTEP_NAMES", "capture", "widen_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,58 @@ _STEPQ_DIR = os.path.dirname(os.path.dirname(__file__))
 
 def _batch_dim(v: Any) -> Any:
     return {0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() >= 1 else None
+
+
+def _output_class(model: torch.nn.Module) -> str | None:
+    """``module:qualname`` of the dataclass ``model.forward`` returns with ``return_dict=True``
+    (diffusers annotates it: ``UNet2DOutput | tuple``), read from the return annotation."""
+    try:
+        hint = typing.get_type_hints(model.forward).get("return")
+    except Exception:  # unresolvable string annotations: no output class, the graph's output as it is
+        hint = inspect.signature(model.forward).return_annotation
+    for cls in typing.get_args(hint) or (hint,):
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__.startswith("diffusers."):
+            return f"{cls.__module__}:{cls.__qualname__}"
+    return None
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    json.dumps(v)  # raises TypeError for anything else
+    return v
+
+
+def _model_config(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The model's diffusers config (``ConfigMixin.config``) as plain JSON values, or None; entries
+    that are not JSON (rare: a torch dtype) are dropped and logged."""
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, Mapping):
+        return None
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        try:
+            out[str(k)] = _jsonable(v)
+        except (TypeError, ValueError):
+            log.info("config entry %r of %s is not JSON (%s); not kept", k, type(model).__name__, type(v).__name__)
+    return out
+
+
+def widen_batch(inputs: dict[str, Any], sample: str | None) -> dict[str, Any]:
+    """A batch-1 example, repeated to batch 2 for export: torch.export specialises a dimension of size
+    1 (0/1 specialisation), so ``Dim.AUTO`` alone would lock the graph to batch 1. Every tensor whose
+    dim 0 is the sample's batch (1) is repeated; the graph computes the same for each row."""
+    if sample is None or not isinstance(inputs.get(sample), torch.Tensor) or inputs[sample].shape[0] != 1:
+        return inputs
+
+    def widen(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == 1:
+            return torch.cat([v, v])
+        return v
+
+    return {k: pytree.tree_map(widen, v) for k, v in inputs.items()}
 
 
 def _normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> dict[str, Any]:
@@ -152,7 +208,8 @@ def capture(
         timestep_arg: the name of the timestep input; found by name (timestep, timesteps, t, sigma)
             when not given.
         sample_arg: the name of the noisy sample input; found by name or shape when not given.
-        dynamic_batch: export with a symbolic batch dimension (``Dim.AUTO`` on dim 0 of every tensor).
+        dynamic_batch: export with a symbolic batch dimension (``Dim.AUTO`` on dim 0 of every tensor). A
+            batch-1 example is repeated to batch 2 for the export, so the batch stays symbolic.
         timestep_scale: multiply the timestep input by this to get the integer training timestep
             in [0, T) that timestep-indexed tables use (1000 for models that take t/1000, e.g. Flux).
     """
@@ -168,14 +225,16 @@ def capture(
     sample = _find_sample(inputs, timestep, sample_arg)
 
     dynamic_shapes = None
+    export_inputs = inputs
     if dynamic_batch:
-        dynamic_shapes = {k: pytree.tree_map(_batch_dim, v) for k, v in inputs.items()}
+        export_inputs = widen_batch(inputs, sample)
+        dynamic_shapes = {k: pytree.tree_map(_batch_dim, v) for k, v in export_inputs.items()}
 
     flags = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
-            ep = torch.export.export(model, (), inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        with torch.no_grad(), contained_noise():
+            ep = torch.export.export(model, (), export_inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except CaptureError:
         raise
     except Exception as e:
@@ -199,6 +258,7 @@ def capture(
             gm._forward_pre_hooks_with_kwargs.pop(key, None)
     signature = InputSignature.from_call(model.forward, inputs, timestep)
     prog = Program(gm=gm, signature=signature, timestep_arg=timestep, sample_arg=sample,
-                   model_name=type(model).__name__, timestep_scale=float(timestep_scale))
+                   model_name=type(model).__name__, timestep_scale=float(timestep_scale),
+                   model_config=_model_config(model), output_class=_output_class(model))
     log.info("captured %s: %d nodes, timestep=%r, sample=%r", prog.model_name, len(gm.graph.nodes), timestep, sample)
     return prog

@@ -11,6 +11,7 @@ __all__ = [
     "CalibrationError",
     "CaptureError",
     "DumpError",
+    "FallbackWarning",
     "InputSignatureError",
     "InvariantError",
     "KernelCompileError",
@@ -21,7 +22,9 @@ __all__ = [
     "PreconditionError",
     "RecipeError",
     "StepqError",
+    "StepqWarning",
     "TimestepRangeError",
+    "UnsupportedConversionError",
 ]
 
 
@@ -47,6 +50,20 @@ class InputSignatureError(StepqError, TypeError):
 
 class TimestepRangeError(StepqError, ValueError):
     """A timestep falls outside the [0, T) grid of the timestep-indexed tables."""
+
+
+class UnsupportedConversionError(StepqError, TypeError):
+    """A compiled model was asked to change its dtype (``.half()``, ``.to(torch.bfloat16)``): its
+    quantizer ops, scales and dequantized weights compute in float32 only."""
+
+
+class StepqWarning(UserWarning):
+    """Base class of the warnings stepq gives with ``warnings.warn`` (shown to the user by default)."""
+
+
+class FallbackWarning(StepqWarning):
+    """Something fell back to a slower or less exact path than asked for: an ONNX node left as a
+    float kernel, a translator that failed and was replaced by another, a clamped timestep."""
 
 
 class ArtifactError(StepqError):

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
-from stepq.compiler.errors import TimestepRangeError
+from stepq.compiler.errors import FallbackWarning, TimestepRangeError
 
 __all__ = [
     "check_grid",
@@ -262,7 +263,7 @@ def timestep_index(t: Tensor, *, scale: float = 1.0, num_train_timesteps: int = 
                    f"{' in ' + where if where else ''}")
             if policy == "error":
                 raise TimestepRangeError(msg + "; set the recipe's timestep_policy='clamp' to clamp instead")
-            log.warning("%s; clamping", msg)
+            warnings.warn(FallbackWarning(f"{msg}; clamping"), stacklevel=2)
             idx = idx.clamp(0, num_train_timesteps - 1)
     return idx
 

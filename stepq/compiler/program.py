@@ -189,6 +189,11 @@ class Program:
     sample_arg: str | None
     model_name: str
     timestep_scale: float = 1.0
+    #: the source model's diffusers config (``model.config`` as JSON values), None for other models
+    model_config: dict[str, Any] | None = None
+    #: ``module:qualname`` of the output dataclass the model returns with ``return_dict=True``
+    #: (``UNet2DOutput``, ``Transformer2DModelOutput``), None when it has none
+    output_class: str | None = None
     recipe: Any = None  # stepq.Recipe once prepared
     stage: str = "captured"
     history: list[str] = field(default_factory=list)

@@ -18,6 +18,7 @@ import copy
 import logging
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,8 @@ from stepq.backends.onnx.lower import LoweringResult, lower
 from stepq.backends.onnx.partition import OnnxPartitioner
 from stepq.backends.onnx.postprocess import materialize_int4, write_metadata
 from stepq.backends.onnx.translation import TRANSLATION_TABLE
-from stepq.compiler.errors import PostconditionError, StepqError
+from stepq.compiler.capture import widen_batch
+from stepq.compiler.errors import FallbackWarning, PostconditionError, StepqError
 from stepq.compiler.program import InputSignature
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "ExportResult", "OnnxExportError", "OnnxInput", "example_inputs", "export_graph",
@@ -210,6 +212,13 @@ def export_graph(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dyna
     path.parent.mkdir(parents=True, exist_ok=True)
 
     gm, partition, lowered = lowered_copy(qm, strict=strict)
+    if partition.rejections:
+        shown = "\n  ".join(map(str, partition.rejections[:5]))
+        more = f"\n  ... and {len(partition.rejections) - 5} more" if len(partition.rejections) > 5 else ""
+        warnings.warn(FallbackWarning(
+            f"ONNX export of {qm.program.model_name}: {len(partition.rejections)} quantized node(s) run as float "
+            f"kernels (their quantizers become Q/DQ pairs), not integer kernels:\n  {shown}{more}\n"
+            "(strict=True raises instead; backend.partition(qm).summary() lists them all)"), stacklevel=3)
     stages["lower_s"] = time.perf_counter() - t0
     stages["lower_rss_GB"] = _rss_gb()
     if lowered.collapsed_per_sample:
@@ -218,6 +227,8 @@ def export_graph(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dyna
 
     signature: InputSignature = qm.program.signature
     kwargs = example_inputs(signature)
+    if dynamic_batch:  # a batch-1 capture: trace torch.onnx's export at batch 2, or it fixes the batch at 1
+        kwargs = widen_batch(kwargs, qm.program.sample_arg)
     model: ir.Model | None = None
     out_spec: Any = None
     if translator == "direct" and not dynamic_batch:
@@ -232,7 +243,8 @@ def export_graph(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dyna
         except direct.DirectTranslationError as e:
             if translator == "direct":
                 raise OnnxExportError(f"direct translation failed: {e}") from e
-            log.warning("direct ONNX translation failed, falling back to torch.onnx.export: %s", e)
+            warnings.warn(FallbackWarning(f"direct ONNX translation failed, falling back to torch.onnx.export "
+                                          f"(slower, same graph): {e}"), stacklevel=3)
             model = None
             gm = lowered_copy(qm, strict=strict)[0]
         else:
