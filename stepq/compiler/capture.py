@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 from stepq.compiler.errors import CaptureError
 from stepq.compiler.program import InputSignature, Program
 
-__all__ = ["TIMESTEP_NAMES", "capture"]
+__all__ = ["TIMESTEP_NAMES", "capture", "find_timestep_by_dataflow"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ def _normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> dict[str, 
     return inputs
 
 
-def _find_timestep(inputs: Mapping[str, Any], timestep_arg: str | None) -> str:
+def _find_timestep(inputs: Mapping[str, Any], timestep_arg: str | None) -> str | None:
+    """The timestep argument by explicit name or by one of ``TIMESTEP_NAMES``; None when neither
+    (``find_timestep_by_dataflow`` then looks in the graph)."""
     if timestep_arg is not None:
         if timestep_arg not in inputs:
             raise CaptureError(f"timestep argument {timestep_arg!r} is not among the example inputs "
@@ -70,8 +72,50 @@ def _find_timestep(inputs: Mapping[str, Any], timestep_arg: str | None) -> str:
     for name in TIMESTEP_NAMES:
         if name in inputs:
             return name
+    return None
+
+
+#: the ops of a sinusoidal / Fourier timestep projection (DDPM's get_timestep_embedding, DiT's
+#: TimestepEmbedder, Gaussian Fourier features): the timestep is the input that reaches one of them.
+_SINUSOID = {torch.ops.aten.sin.default, torch.ops.aten.cos.default}
+#: ops the timestep passes through before its projection; a matmul or convolution on the way means
+#: the sinusoid belongs to a learned feature (rotary embeddings of tokens), not to the timestep.
+_BLOCKING = {torch.ops.aten.linear.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
+             torch.ops.aten.conv3d.default, torch.ops.aten.matmul.default, torch.ops.aten.mm.default,
+             torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+             torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten.embedding.default}
+
+
+def find_timestep_by_dataflow(gm: torch.fx.GraphModule, inputs: Mapping[str, Any]) -> str:
+    """The input that feeds the timestep embedding: a scalar or 1-D floating/integer tensor input
+    from which a sin/cos is reached through no linear, convolution, matmul, attention or embedding
+    (a rotary embedding of positions passes through none either, but positions are 2-D or longer
+    ids; the candidates are the inputs of at most one dimension). Exactly one such input is the
+    timestep; none or several raise a ``CaptureError`` listing them and asking for ``timestep_arg``."""
+    candidates = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or node.name not in inputs:
+            continue
+        v = inputs[node.name]
+        if not isinstance(v, torch.Tensor) or v.dim() > 1:
+            continue
+        seen, stack = {node}, [node]
+        while stack:
+            n = stack.pop()
+            if n.target in _SINUSOID:
+                candidates.append(node.name)
+                break
+            for user in n.users:
+                if user not in seen and user.target not in _BLOCKING:
+                    seen.add(user)
+                    stack.append(user)
+    if len(candidates) == 1:
+        log.info("timestep input found by dataflow: %r feeds the sinusoidal timestep projection", candidates[0])
+        return candidates[0]
+    what = (f"several inputs feed a sinusoidal projection ({candidates})" if candidates else
+            "no input of at most one dimension feeds a sinusoidal (sin/cos) projection")
     raise CaptureError(f"no timestep input found: none of {list(TIMESTEP_NAMES)} is among the example inputs "
-                       f"{sorted(inputs)}; pass timestep_arg='<name>'")
+                       f"{sorted(inputs)}, and {what}; pass timestep_arg='<name>'")
 
 
 def _find_sample(inputs: Mapping[str, Any], timestep: str, sample_arg: str | None) -> str | None:
@@ -149,8 +193,9 @@ def capture(
     Args:
         model: any ``nn.Module`` denoiser (diffusers or hand-written). It is not modified.
         example_inputs: keyword arguments (diffusers style) or a tuple of positional arguments.
-        timestep_arg: the name of the timestep input; found by name (timestep, timesteps, t, sigma)
-            when not given.
+        timestep_arg: the name of the timestep input; when not given, found by name (timestep,
+            timesteps, t, sigma, sigmas), else by dataflow: the one input that feeds the sinusoidal
+            timestep projection (``find_timestep_by_dataflow``).
         sample_arg: the name of the noisy sample input; found by name or shape when not given.
         dynamic_batch: export with a symbolic batch dimension (``Dim.AUTO`` on dim 0 of every tensor).
         timestep_scale: multiply the timestep input by this to get the integer training timestep
@@ -159,13 +204,13 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = _normalize_inputs(model, example_inputs)
-    timestep = _find_timestep(inputs, timestep_arg)
-    if not isinstance(inputs[timestep], torch.Tensor):
-        inputs[timestep] = torch.as_tensor(inputs[timestep])
-    if inputs[timestep].dim() > 1:
-        raise CaptureError(f"timestep input {timestep!r} must be a scalar or a 1-D tensor, got shape "
-                           f"{list(inputs[timestep].shape)}")
-    sample = _find_sample(inputs, timestep, sample_arg)
+    named = _find_timestep(inputs, timestep_arg)
+    if named is not None:
+        if not isinstance(inputs[named], torch.Tensor):
+            inputs[named] = torch.as_tensor(inputs[named])
+        if inputs[named].dim() > 1:
+            raise CaptureError(f"timestep input {named!r} must be a scalar or a 1-D tensor, got shape "
+                               f"{list(inputs[named].shape)}")
 
     dynamic_shapes = None
     if dynamic_batch:
@@ -186,6 +231,8 @@ def capture(
 
     gm = ep.module()
     del ep
+    timestep = named if named is not None else find_timestep_by_dataflow(gm, inputs)
+    sample = _find_sample(inputs, timestep, sample_arg)
     _clone_state(gm)
     # ep.module() forbids train()/eval(); the graph is specialised to eval mode already, and the
     # training loops of later stages need the plain nn.Module methods back.

@@ -18,6 +18,8 @@ __all__ = [
     "PreconditionError",
     "RecipeError",
     "StepqError",
+    "StepqWarning",
+    "TimestepClampWarning",
     "TimestepRangeError",
 ]
 
@@ -43,7 +45,16 @@ class InputSignatureError(StepqError, TypeError):
 
 
 class TimestepRangeError(StepqError, ValueError):
-    """A timestep falls outside the [0, T) grid of the timestep-indexed tables."""
+    """A timestep is not finite, or ``t · timestep_scale`` falls outside [0, T] (T = the recipe's
+    ``num_train_timesteps``), and the recipe's ``timestep_policy`` is ``"error"``."""
+
+
+class StepqWarning(UserWarning):
+    """Base class of stepq's warnings (shown by Python's default filters, not only logged)."""
+
+
+class TimestepClampWarning(StepqWarning):
+    """A timestep outside [0, T] was clamped into it (the recipe's ``timestep_policy="clamp"``)."""
 
 
 class ArtifactError(StepqError):
