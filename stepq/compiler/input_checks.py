@@ -26,6 +26,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -84,7 +85,8 @@ _LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os
 def _caller_level() -> int:
     """The ``stacklevel`` of the first frame outside stepq and torch: the warning names the user's
     call (``qm(...)``), not the line of stepq that noticed."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
         frame, level = frame.f_back, level + 1
     return level
@@ -104,10 +106,11 @@ def check_call(signature: InputSignature, bound: dict[str, Any], *, sample_arg: 
     """Check ``bound`` (what ``signature.bind`` returned) against the capture: dtypes, fixed
     dimensions, batches; returns it. Raises ``InputSignatureError`` naming the argument."""
     sample = bound.get(sample_arg) if sample_arg is not None else None
-    batch = int(sample.shape[0]) if isinstance(sample, torch.Tensor) and sample.dim() >= 1 else None
-    captured_batch = None
-    if sample_arg is not None and sample_arg in signature.tensors and signature.tensors[sample_arg].shape:
-        captured_batch = signature.tensors[sample_arg].shape[0]
+    batch, sample_shape, captured_shape = None, [], []
+    if sample_arg is not None and isinstance(sample, torch.Tensor) and sample.dim() >= 1 and sample_arg in signature.tensors:
+        batch, sample_shape = int(sample.shape[0]), list(sample.shape)
+        captured_shape = list(signature.tensors[sample_arg].shape)
+    captured_batch = captured_shape[0] if captured_shape else None
     for name, info in signature.tensors.items():
         value = bound.get(name)
         if not isinstance(value, torch.Tensor):
@@ -116,7 +119,7 @@ def check_call(signature: InputSignature, bound: dict[str, Any], *, sample_arg: 
             if value.dim() == 1 and batch is not None and value.numel() not in (1, batch):
                 raise InputSignatureError(
                     f"argument {name!r} has {value.numel()} timesteps for a batch of {batch} samples "
-                    f"({sample_arg!r} has shape {list(sample.shape)}); pass one timestep per sample or one for "
+                    f"({sample_arg!r} has shape {sample_shape}); pass one timestep per sample or one for "
                     f"the whole batch")
             continue
         if value.dtype != info.torch_dtype:
@@ -135,5 +138,5 @@ def check_call(signature: InputSignature, bound: dict[str, Any], *, sample_arg: 
                 and want[0] == captured_batch and shape[0] != batch):
             raise InputSignatureError(
                 f"argument {name!r} has batch {shape[0]} but {sample_arg!r} has batch {batch} "
-                f"(they shared the batch at capture: {want} and {list(signature.tensors[sample_arg].shape)})")
+                f"(they shared the batch at capture: {want} and {captured_shape})")
     return bound

@@ -301,9 +301,11 @@ def export_graph(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dyna
     use_external = size > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     data_name = path.name + ".data"
 
+    final: ir.Model = model
+
     def write(tmp: Path) -> None:
         nonlocal t
-        ir.save(model, tmp, external_data=data_name if use_external else None)
+        ir.save(final, tmp, external_data=data_name if use_external else None)
         stages["save_s"] = time.perf_counter() - t
         stages["save_rss_GB"] = _rss_gb()
         if check:
@@ -312,7 +314,7 @@ def export_graph(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dyna
             stages["check_s"] = time.perf_counter() - t
 
     write_atomically(path, write, external_data=use_external)
-    del model
+    model = None  # the graph's tensors can be large: drop them before the result is built
     file_bytes = path.stat().st_size + ((path.parent / data_name).stat().st_size if use_external else 0)
     result = ExportResult(path, partition, lowered.counts | ({"int4_initializers": n_int4} if n_int4 else {}),
                           lowered.collapsed_per_sample, file_bytes, time.perf_counter() - t0, use_external, stages,
