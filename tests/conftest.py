@@ -38,7 +38,7 @@ def _seed():
 
 
 # -- the count of hypothesis-generated cases of a run (summed from hypothesis' own statistics) -----
-_PASSING = re.compile(r"(\d+) passing examples?")
+_PASSING = re.compile(r"(\d+) passing\b")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -90,3 +90,34 @@ def test_no_sinusoid_at_all_is_refused():
 
     with pytest.raises(CaptureError, match="no input of at most one dimension feeds a sinusoidal"):
         stepq.capture(Plain(), {"latents": torch.randn(2, 4, 8, 8), "level": torch.tensor([1.0, 2.0])})
+
+
+class Routed(nn.Module):
+    """A mixture-of-experts feed-forward with value-dependent dispatch (HiDream's ``moe_infer``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = build_random_denoiser(CFG)
+        self.gate = nn.Linear(4, 2)
+        self.experts = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+    def forward(self, sample, timestep):
+        h = self.inner(sample, timestep)
+        tokens = h.permute(0, 2, 3, 1).reshape(-1, 4)
+        idx = self.gate(tokens).argmax(-1)
+        counts = idx.bincount(minlength=2).cpu().numpy().cumsum(0)  # the routed dispatch
+        out = torch.zeros_like(tokens)
+        order = idx.argsort()
+        start = 0
+        for e, end in enumerate(counts):
+            sel = order[start:end]
+            out[sel] = self.experts[e](tokens[sel])
+            start = end
+        return out.reshape(h.shape[0], h.shape[2], h.shape[3], 4).permute(0, 3, 1, 2)
+
+
+def test_value_routed_experts_are_refused_naming_the_line():
+    x = {"sample": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([3, 500])}
+    with pytest.raises(CaptureError, match=r"(?s)could not capture Routed.*test_capture_timestep_dataflow.py:\d+ in "
+                                           r"forward: counts = idx.bincount.*mixture-of-experts dispatch.*dense dispatch"):
+        stepq.capture(Routed().eval(), x)

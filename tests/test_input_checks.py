@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import stepq
@@ -19,6 +19,7 @@ from stepq.compiler.input_checks import TimestepRange
 from stepq.recipe.presets import get_preset
 from stepq.testing import strategies as sqs
 from stepq.testing.random_models import RandomDenoiserConfig, build_random_denoiser
+from stepq.testing.strategies import examples
 
 CFG = RandomDenoiserConfig(kind="unet", width=16, depth=1, temb_dim=16, num_classes=5)
 
@@ -113,6 +114,7 @@ def test_table_model_nan_message_names_nan_not_int_min():
     assert clamped.tolist() == [999, 0]
 
 
+@settings(max_examples=examples(500), deadline=None)
 @given(t=st.floats(allow_nan=True, allow_infinity=True, width=32),
        scale=st.sampled_from([1.0, 1000.0]), policy=st.sampled_from(["error", "clamp"]))
 def test_timestep_range_property(t, scale, policy):

@@ -37,7 +37,7 @@ finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 # -- tier 1: pure functions ------------------------------------------------------------------------
 
 
-@settings(max_examples=examples(1500), deadline=None)
+@settings(max_examples=examples(2500), deadline=None)
 @given(lo=finite, hi=finite, bits=st.integers(2, 8), symmetric=st.booleans(),
        x=st.lists(st.floats(0, 1, width=32), min_size=1, max_size=16))
 def test_qparams_from_range_cover_the_range_and_zero(lo, hi, bits, symmetric, x):
@@ -53,7 +53,7 @@ def test_qparams_from_range_cover_the_range_and_zero(lo, hi, bits, symmetric, x)
     assert float(err) <= float(s) * 0.5 * (1 + 1e-3) + 1e-6 * max(1.0, abs(a), abs(b))
 
 
-@settings(max_examples=examples(1500), deadline=None)
+@settings(max_examples=examples(2500), deadline=None)
 @given(x=st.lists(st.floats(-1e3, 1e3, width=32), min_size=1, max_size=24), scale=st.floats(1e-3, 10.0),
        zp=st.integers(-8, 8), bits=st.sampled_from([2, 4, 8]), signed=st.booleans())
 def test_fake_quant_lands_on_the_grid_and_is_idempotent(x, scale, zp, bits, signed):
@@ -70,7 +70,7 @@ def test_fake_quant_lands_on_the_grid_and_is_idempotent(x, scale, zp, bits, sign
     assert torch.equal(ops.dequantize(q, s, z), y)
 
 
-@settings(max_examples=examples(1500), deadline=None)
+@settings(max_examples=examples(2000), deadline=None)
 @given(bits=st.sampled_from([2, 4]), signed=st.booleans(), data=st.data())
 def test_pack_unpack_round_trip(bits, signed, data):
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
@@ -81,7 +81,7 @@ def test_pack_unpack_round_trip(bits, signed, data):
     assert torch.equal(ops.unpack(packed, bits, signed, [len(codes)]), q)
 
 
-@settings(max_examples=examples(1000), deadline=None)
+@settings(max_examples=examples(1500), deadline=None)
 @given(codes=st.lists(st.integers(-1, 1), min_size=1, max_size=40))
 def test_base3_round_trip(codes):
     c = torch.tensor(codes, dtype=torch.int8)
@@ -90,7 +90,7 @@ def test_base3_round_trip(codes):
     assert torch.equal(unpack_base3(packed, [len(codes)]).to(torch.int8), c)
 
 
-@settings(max_examples=examples(1500), deadline=None)
+@settings(max_examples=examples(2000), deadline=None)
 @given(t=st.one_of(st.integers(-50, 1100), st.floats(-50, 1100, width=32), st.just(float("nan")), st.just(float("inf"))),
        scale=st.sampled_from([1.0, 1000.0]), clamp=st.booleans())
 def test_timestep_index_is_the_rounded_grid_point(t, scale, clamp):
@@ -181,7 +181,7 @@ def _inputs(cfg, batch, t, defect, seed):
 
 @pytest.mark.parametrize("structure", sorted(STRUCTURES))
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-@settings(max_examples=examples(250), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(call=calls())
 def test_generated_calls_through_compiled_models(structure, recipe, call):
     cfg, model, qm = _compiled_model(structure, recipe)
@@ -223,7 +223,7 @@ _onnx: dict[tuple[str, str], object] = {}
 
 @pytest.mark.parametrize("structure", sorted(STRUCTURES))
 @pytest.mark.parametrize("recipe", ["w8a8", "w4a8"])
-@settings(max_examples=examples(60), deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(batch=st.integers(1, 4), step=st.integers(0, 1000), seed=st.integers(0, 10_000))
 def test_onnx_equals_the_reference_on_a_sample(structure, recipe, batch, step, seed, tmp_path_factory):
     pytest.importorskip("onnxruntime")

@@ -142,8 +142,21 @@ def _user_frame(tb: traceback.StackSummary) -> traceback.FrameSummary | None:
     return None
 
 
-def _advice(exc: BaseException) -> str:
+_ROUTING = ("bincount", "nonzero", "argsort", "topk", "expert")
+
+
+def _advice(exc: BaseException, line: str = "") -> str:
     text = f"{type(exc).__name__}: {exc}"
+    if (".numpy()" in text or "data-dependent" in text or "GuardOnDataDependent" in text) and any(
+            w in line for w in _ROUTING):
+        return ("the model routes tokens by their values (mixture-of-experts dispatch: the number of tokens per "
+                "expert is data, not a shape), which torch.export cannot capture; export a dense dispatch instead "
+                "(every expert on every token, weighted by the gate: the same output) or keep the experts out of "
+                "the captured region")
+    if ".numpy()" in text or "non-nested SymInt" in text:
+        return ("the model turns tensor values into Python numbers (here on the line above: .numpy(), a set or a "
+                "dict of sizes computed from a tensor, e.g. sequence lengths from an attention mask), so the graph "
+                "would depend on data; make that code depend on shapes only, or call it with inputs that skip it")
     if "data-dependent" in text or "GuardOnDataDependent" in text or "item()" in text:
         return ("the model branches on, or converts to Python, the value of a tensor; move that logic out of "
                 "forward, or make it depend on shapes only")
@@ -162,7 +175,7 @@ def _capture_error(model: torch.nn.Module, exc: BaseException) -> CaptureError:
         where = f"\n  at {frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return CaptureError(f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
-                        f"{first}{where}\n  what to try: {_advice(exc)}")
+                        f"{first}{where}\n  what to try: {_advice(exc, (frame.line or '') if frame else '')}")
 
 
 def _clone_state(gm: torch.fx.GraphModule) -> None:
