@@ -84,7 +84,9 @@ def examples(n: int) -> int:
     examples are cheap, which set their own ``max_examples`` far above the profile's."""
     from hypothesis import settings
 
-    return max(1, n * settings.default.max_examples // _BASE_EXAMPLES)
+    current = settings.default
+    base = current.max_examples if current is not None else _BASE_EXAMPLES
+    return max(1, n * base // _BASE_EXAMPLES)
 
 
 # -- timesteps -----------------------------------------------------------------------------------
