@@ -60,8 +60,9 @@ def _row(r: dict) -> str:
         verdict = "meets 20 dB" if r["sqnr_db"] >= GOAL_DB else "below 20 dB"
         result = f"{r['sqnr_db']:.1f} dB ({verdict}); {r['quantized_layers']} layers quantized, timestep `{r['timestep_arg']}`"
     else:
-        first = r["detail"].splitlines()[0] if r.get("detail") else ""
-        result = f"{r['status']}: {first[:300]}"
+        lines = [ln.strip() for ln in r.get("detail", "").splitlines() if ln.strip()]
+        result = f"{r['status']}: " + " ".join(lines)[:600].replace(
+            "/work/main/.venv/lib/python3.11/site-packages/", "")
     return f"| {r['name']} | {result.replace('|', '/')} | {r['seconds']:.0f} |"
 
 
