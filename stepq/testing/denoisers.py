@@ -245,6 +245,22 @@ def _allegro():
                                      sample_height=8, sample_width=8, sample_frames=2, caption_channels=16)
 
 
+def _hunyuan_video():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                          num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
+                                          patch_size_t=1, guidance_embeds=False, text_embed_dim=16,
+                                          pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
+
+
+def _hunyuan_video_inputs(batch, t, seed):
+    g = _g(seed)
+    return {"hidden_states": _randn(g, batch, 4, 1, 8, 8), "timestep": _t(batch, t, torch.int64),
+            "encoder_hidden_states": _randn(g, batch, 4, 16), "encoder_attention_mask": torch.ones(batch, 4),
+            "pooled_projections": _randn(g, batch, 8), "return_dict": False}
+
+
 CASES: dict[str, DenoiserCase] = {c.name: c for c in [
     DenoiserCase("UNet1DModel", _unet1d, _unet1d_inputs),
     DenoiserCase("UNet3DConditionModel", _unet3d, _unet3d_inputs),
@@ -266,5 +282,6 @@ CASES: dict[str, DenoiserCase] = {c.name: c for c in [
     DenoiserCase("HiDreamImageTransformer2DModel", _hidream, _hidream_inputs),
     DenoiserCase("CogView4Transformer2DModel", _cogview4, _cogview_inputs),
     DenoiserCase("StableAudioDiTModel", _stable_audio, _stable_audio_inputs),
+    DenoiserCase("HunyuanVideoTransformer3DModel", _hunyuan_video, _hunyuan_video_inputs),
     DenoiserCase("AllegroTransformer3DModel", _allegro, _text_inputs((4, 2, 8, 8), return_dict=False)),
 ]}
