@@ -158,7 +158,7 @@ def calls(draw):
         dtype = torch.float32
     t = torch.tensor(values, dtype=torch.float64).to(dtype)
     t = t[0] if scalar else t
-    defect = draw(st.sampled_from(["channels", "size", "dtype", "batch", "none"])) if kind == "defect" else None
+    defect = draw(st.sampled_from(["channels", "size", "dtype", "none"])) if kind == "defect" else None
     return batch, t, kind, defect, draw(st.integers(0, 10_000))
 
 

@@ -8,8 +8,8 @@ inside the graph:
 * dtype: every tensor argument has its captured dtype (the timestep is converted by ``bind``);
 * fixed dimensions: the capture's symbolic dimension is the batch (dim 0) only, so every other
   dimension (channels, latent height / width, sequence length) is the captured one;
-* batch: a tensor captured with the sample's batch has the call's sample batch; a [B] timestep has
-  B or one element (broadcast to the batch by ``InputSignature.expand_timestep``).
+* batch: a tensor whose dim 0 is the sample's symbolic batch in the captured graph has the call's
+  sample batch; a [B] timestep has B or one element (broadcast by ``InputSignature.expand_timestep``).
 
 ``TimestepRange`` (given to ``InputSignature.bind``, which applies it to the timestep as the caller
 passed it, before the cast to the captured dtype) checks the timestep's values against the table grid, for every model (with
@@ -30,13 +30,14 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.fx
 
 from stepq.compiler.errors import InputSignatureError, TimestepClampWarning, TimestepRangeError
 
 if TYPE_CHECKING:
     from stepq.compiler.program import InputSignature
 
-__all__ = ["TimestepRange", "check_call"]
+__all__ = ["TimestepRange", "batched_args", "check_call"]
 
 
 @dataclass(frozen=True)
@@ -102,15 +103,33 @@ def _show(v: torch.Tensor) -> str:
     return f"[{values}{', …' if flat.numel() > 4 else ''}]"
 
 
-def check_call(signature: InputSignature, bound: dict[str, Any], *, sample_arg: str | None) -> dict[str, Any]:
+def batched_args(gm: torch.fx.GraphModule, sample_arg: str | None) -> frozenset[str]:
+    """The placeholders whose dim 0 is the sample's symbolic batch (``meta['val']`` of a captured
+    graph; empty when the graph has no fake values, e.g. loaded from an artefact, or a static batch).
+    Shapes equal at capture are not enough: Flux's ``txt_ids`` [L, 3] can have L = the batch."""
+    vals = {}
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            break
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            vals[n.name] = v.shape[0]
+    batch = vals.get(sample_arg) if sample_arg is not None else None
+    if not isinstance(batch, torch.SymInt):
+        return frozenset()
+    return frozenset(k for k, d in vals.items() if isinstance(d, torch.SymInt) and str(d) == str(batch))
+
+
+def check_call(signature: InputSignature, bound: dict[str, Any], *, sample_arg: str | None,
+               batched: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Check ``bound`` (what ``signature.bind`` returned) against the capture: dtypes, fixed
-    dimensions, batches; returns it. Raises ``InputSignatureError`` naming the argument."""
+    dimensions, the batch of the arguments in ``batched`` (``batched_args``) and the timestep's
+    count; returns it. Raises ``InputSignatureError`` naming the argument."""
     sample = bound.get(sample_arg) if sample_arg is not None else None
     batch, sample_shape, captured_shape = None, [], []
     if sample_arg is not None and isinstance(sample, torch.Tensor) and sample.dim() >= 1 and sample_arg in signature.tensors:
         batch, sample_shape = int(sample.shape[0]), list(sample.shape)
         captured_shape = list(signature.tensors[sample_arg].shape)
-    captured_batch = captured_shape[0] if captured_shape else None
     for name, info in signature.tensors.items():
         value = bound.get(name)
         if not isinstance(value, torch.Tensor):
@@ -134,8 +153,7 @@ def check_call(signature: InputSignature, bound: dict[str, Any], *, sample_arg: 
                 f"argument {name!r} has shape {shape}; the graph was captured with {want} and fixes every "
                 f"dimension but the batch (dim {dim} must be {want[dim]}, got {shape[dim]}); capture again "
                 f"with an example of the size you call it at")
-        if (batch is not None and name != sample_arg and len(want) >= 1 and captured_batch is not None
-                and want[0] == captured_batch and shape[0] != batch):
+        if batch is not None and name != sample_arg and name in batched and shape and shape[0] != batch:
             raise InputSignatureError(
                 f"argument {name!r} has batch {shape[0]} but {sample_arg!r} has batch {batch} "
                 f"(they shared the batch at capture: {want} and {captured_shape})")

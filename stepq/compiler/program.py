@@ -21,7 +21,7 @@ import torch.fx._pytree as fx_pytree
 from torch.fx.graph import _PyTreeCodeGen
 
 from stepq.compiler.errors import InputSignatureError
-from stepq.compiler.input_checks import TimestepRange, check_call
+from stepq.compiler.input_checks import TimestepRange, batched_args, check_call
 from stepq.compiler.state import ProgramState
 
 __all__ = ["STAGES", "InputSignature", "Program", "TensorInfo"]
@@ -203,7 +203,7 @@ class Program:
 
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         bound = check_call(self.signature, self.signature.bind(args, kwargs, timesteps=self.timestep_range),
-                           sample_arg=self.sample_arg)
+                           sample_arg=self.sample_arg, batched=batched_args(self.gm, self.sample_arg))
         batch = None
         if self.sample_arg is not None and isinstance(bound.get(self.sample_arg), torch.Tensor):
             batch = bound[self.sample_arg].shape[0]
