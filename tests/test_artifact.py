@@ -68,6 +68,13 @@ def test_manifest_cannot_smuggle_code(qm, tmp_path):
     node = next(n for n in manifest["graph"]["nodes"] if n["op"] == "call_function")
     node["target"] = "os.system"
     (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(stepq.ArtifactError, match="manifest was edited"):  # the digest refuses it first
+        stepq.load(d)
+    # and with the digest recomputed, the closed set of call targets still does
+    from stepq.artifact.store import _manifest_sha256
+
+    manifest["manifest_sha256"] = _manifest_sha256(manifest)
+    (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(stepq.ArtifactError, match="refusing to load call target 'os.system'"):
         stepq.load(d)
     manifest["version"] = 99

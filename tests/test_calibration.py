@@ -103,10 +103,12 @@ def test_timestep_outside_the_table_raises_or_clamps_by_policy():
     m = _model()
     x = calib_set(1)[0]
     prog = stepq.prepare(stepq.capture(m, x), "w8a8")
-    with pytest.raises(stepq.TimestepRangeError, match="timestep 1500 is outside the table range"):
+    # refused at the door (stepq.compiler.input_checks), before an observer sees it
+    with pytest.raises(stepq.TimestepRangeError, match=r"argument 'timestep' has timestep 1500 outside \[0, 1000\]"):
         stepq.calibrate(prog, [denoiser_inputs(2, (10, 1500))], progress=False)
     recipe = stepq.get_preset("w8a8").replace(timestep_policy="clamp")
     prog = stepq.prepare(stepq.capture(m, x), recipe)
-    stepq.calibrate(prog, [denoiser_inputs(2, (10, 1500))], progress=False)
+    with pytest.warns(stepq.compiler.errors.TimestepClampWarning, match="timestep 1500 outside"):
+        stepq.calibrate(prog, [denoiser_inputs(2, (10, 1500))], progress=False)
     st = prog.state.activation_stats["conv_in.input"]
     assert st.visited.tolist() == [10, 999]

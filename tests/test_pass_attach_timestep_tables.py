@@ -77,16 +77,23 @@ def test_per_sample_scales_in_the_reference_backend(attached):
 
 def test_out_of_range_timestep_raises_or_clamps(attached):
     _, prog, _, _ = attached
-    with pytest.raises(stepq.TimestepRangeError, match="timestep 1001 is outside the table range"):
+    # the call is refused at the door (stepq.compiler.input_checks) ...
+    with pytest.raises(stepq.TimestepRangeError, match=r"argument 'timestep' has timestep 1001 outside \[0, 1000\]"):
         prog(**denoiser_inputs(1, (1001,)))
+    # ... and the graph's own timestep_index refuses it too, for a caller that skips the door
+    with pytest.raises(stepq.TimestepRangeError, match="timestep 1001 is outside the table range"):
+        prog.gm(**denoiser_inputs(1, (1001,)))
     _, prog2 = _calibrated()
     prog2.recipe = prog2.recipe.replace(timestep_policy="clamp")
     tables = _random_tables(prog2)
     prog2.state.timestep_tables = tables
     run_passes(prog2, [AttachTimestepTables()])
     fq = next(n for n in prog2.gm.graph.nodes if n.meta.get(meta.QUANTIZER_ROLE) == "activation")
-    with pytest.warns(stepq.FallbackWarning, match=r"timestep 5000 is outside the table range \[0, 1000\]; clamping"):
+    with pytest.warns(stepq.compiler.errors.TimestepClampWarning, match=r"timestep 5000 outside \[0, 1000\].*clamping"):
         out = collect_layer_outputs(prog2, denoiser_inputs(1, (5000,)), {fq.args[1].name}, bypass=False)
+    # the graph's op clamps on its own as well, visibly
+    with pytest.warns(stepq.FallbackWarning, match=r"timestep 5000 is outside the table range \[0, 1000\]; clamping"):
+        prog2.gm(**denoiser_inputs(1, (5000,)))
     assert torch.equal(out[fq.args[1].name], tables[fq.meta[meta.ACT_QUANTIZER]].scale[[999]])
 
 

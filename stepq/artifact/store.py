@@ -3,7 +3,10 @@
 Nothing is pickled: the graph is JSON (``stepq.artifact.serialize``), tensors are safetensors, the
 recipe and signature are JSON. Saving writes into a temporary sibling directory and renames it into
 place, so a failed save leaves the previous artefact (or nothing) behind, never half a file. Loading
-checks the format version and the SHA-256 of the tensor file, and names the file at fault.
+checks the format version and two SHA-256 digests, and names the file at fault: ``tensors_sha256``
+of ``model.safetensors`` (every tensor), and ``manifest_sha256`` of the manifest itself (its
+canonical JSON, sorted keys, without that one field; it covers ``tensors_sha256``), so an edited
+graph, recipe, signature or report is refused like a corrupt tensor file.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from stepq.recipe.specs import Recipe
 __all__ = ["FORMAT", "STATE_CODECS", "load_program", "save_program"]
 
 FORMAT = "stepq.quantized_model"
-VERSION = 1
+#: 2: the manifest carries its own digest (``manifest_sha256``); version 1 artefacts had the tensors' only.
+VERSION = 2
 MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
 
@@ -48,6 +52,12 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _manifest_sha256(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _atomic_dir(target: Path, write) -> None:
@@ -107,6 +117,7 @@ def save_program(prog: Program, path: str | os.PathLike[str]) -> None:
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
         manifest["tensors_sha256"] = _sha256(tmp / TENSORS)
+        manifest["manifest_sha256"] = _manifest_sha256(manifest)
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1, allow_nan=True)
 
@@ -133,7 +144,12 @@ def load_program(path: str | os.PathLike[str], *, device: str | torch.device | N
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: not a stepq quantized model (format {manifest.get('format')!r})")
     if manifest.get("version") != VERSION:
-        raise ArtifactError(f"{mpath}: artefact version {manifest.get('version')!r} is not supported (expected {VERSION})")
+        raise ArtifactError(f"{mpath}: artefact version {manifest.get('version')!r} is not supported (expected {VERSION}; "
+                            f"version 1 manifests carry no digest of their own: load and save them with the stepq "
+                            f"that wrote them, then quantize again)")
+    if manifest.get("manifest_sha256") != _manifest_sha256(manifest):
+        raise ArtifactError(f"{mpath}: checksum mismatch; the manifest was edited or corrupted after it was saved "
+                            f"(its SHA-256 differs from the manifest_sha256 it records)")
     if manifest.get("state_version", 1) not in (1, STATE_VERSION):
         raise ArtifactError(f"{mpath}: program state version {manifest.get('state_version')!r} is not supported "
                             f"(expected {STATE_VERSION})")

@@ -27,7 +27,7 @@ from stepq.compiler.errors import CaptureError
 from stepq.compiler.noise import contained_noise
 from stepq.compiler.program import InputSignature, Program
 
-__all__ = ["TIMESTEP_NAMES", "capture", "widen_batch"]
+__all__ = ["TIMESTEP_NAMES", "capture", "find_timestep_by_dataflow", "widen_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,9 @@ def _normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> dict[str, 
     return inputs
 
 
-def _find_timestep(inputs: Mapping[str, Any], timestep_arg: str | None) -> str:
+def _find_timestep(inputs: Mapping[str, Any], timestep_arg: str | None) -> str | None:
+    """The timestep argument by explicit name or by one of ``TIMESTEP_NAMES``; None when neither
+    (``find_timestep_by_dataflow`` then looks in the graph)."""
     if timestep_arg is not None:
         if timestep_arg not in inputs:
             raise CaptureError(f"timestep argument {timestep_arg!r} is not among the example inputs "
@@ -126,8 +128,50 @@ def _find_timestep(inputs: Mapping[str, Any], timestep_arg: str | None) -> str:
     for name in TIMESTEP_NAMES:
         if name in inputs:
             return name
+    return None
+
+
+#: the ops of a sinusoidal / Fourier timestep projection (DDPM's get_timestep_embedding, DiT's
+#: TimestepEmbedder, Gaussian Fourier features): the timestep is the input that reaches one of them.
+_SINUSOID = {torch.ops.aten.sin.default, torch.ops.aten.cos.default}
+#: ops the timestep passes through before its projection; a matmul or convolution on the way means
+#: the sinusoid belongs to a learned feature (rotary embeddings of tokens), not to the timestep.
+_BLOCKING = {torch.ops.aten.linear.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
+             torch.ops.aten.conv3d.default, torch.ops.aten.matmul.default, torch.ops.aten.mm.default,
+             torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+             torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten.embedding.default}
+
+
+def find_timestep_by_dataflow(gm: torch.fx.GraphModule, inputs: Mapping[str, Any]) -> str:
+    """The input that feeds the timestep embedding: a scalar or 1-D floating/integer tensor input
+    from which a sin/cos is reached through no linear, convolution, matmul, attention or embedding
+    (a rotary embedding of positions passes through none either, but positions are 2-D or longer
+    ids; the candidates are the inputs of at most one dimension). Exactly one such input is the
+    timestep; none or several raise a ``CaptureError`` listing them and asking for ``timestep_arg``."""
+    candidates = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or node.name not in inputs:
+            continue
+        v = inputs[node.name]
+        if not isinstance(v, torch.Tensor) or v.dim() > 1:
+            continue
+        seen, stack = {node}, [node]
+        while stack:
+            n = stack.pop()
+            if n.target in _SINUSOID:
+                candidates.append(node.name)
+                break
+            for user in n.users:
+                if user not in seen and user.target not in _BLOCKING:
+                    seen.add(user)
+                    stack.append(user)
+    if len(candidates) == 1:
+        log.info("timestep input found by dataflow: %r feeds the sinusoidal timestep projection", candidates[0])
+        return candidates[0]
+    what = (f"several inputs feed a sinusoidal projection ({candidates})" if candidates else
+            "no input of at most one dimension feeds a sinusoidal (sin/cos) projection")
     raise CaptureError(f"no timestep input found: none of {list(TIMESTEP_NAMES)} is among the example inputs "
-                       f"{sorted(inputs)}; pass timestep_arg='<name>'")
+                       f"{sorted(inputs)}, and {what}; pass timestep_arg='<name>'")
 
 
 def _find_sample(inputs: Mapping[str, Any], timestep: str, sample_arg: str | None) -> str | None:
@@ -154,8 +198,21 @@ def _user_frame(tb: traceback.StackSummary) -> traceback.FrameSummary | None:
     return None
 
 
-def _advice(exc: BaseException) -> str:
+_ROUTING = ("bincount", "nonzero", "argsort", "topk", "expert")
+
+
+def _advice(exc: BaseException, line: str = "") -> str:
     text = f"{type(exc).__name__}: {exc}"
+    if (".numpy()" in text or "data-dependent" in text or "GuardOnDataDependent" in text) and any(
+            w in line for w in _ROUTING):
+        return ("the model routes tokens by their values (mixture-of-experts dispatch: the number of tokens per "
+                "expert is data, not a shape), which torch.export cannot capture; export a dense dispatch instead "
+                "(every expert on every token, weighted by the gate: the same output) or keep the experts out of "
+                "the captured region")
+    if ".numpy()" in text or "non-nested SymInt" in text:
+        return ("the model turns tensor values into Python numbers (here on the line above: .numpy(), a set or a "
+                "dict of sizes computed from a tensor, e.g. sequence lengths from an attention mask), so the graph "
+                "would depend on data; make that code depend on shapes only, or call it with inputs that skip it")
     if "data-dependent" in text or "GuardOnDataDependent" in text or "item()" in text:
         return ("the model branches on, or converts to Python, the value of a tensor; move that logic out of "
                 "forward, or make it depend on shapes only")
@@ -174,7 +231,7 @@ def _capture_error(model: torch.nn.Module, exc: BaseException) -> CaptureError:
         where = f"\n  at {frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return CaptureError(f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
-                        f"{first}{where}\n  what to try: {_advice(exc)}")
+                        f"{first}{where}\n  what to try: {_advice(exc, (frame.line or '') if frame else '')}")
 
 
 def _clone_state(gm: torch.fx.GraphModule) -> None:
@@ -205,8 +262,9 @@ def capture(
     Args:
         model: any ``nn.Module`` denoiser (diffusers or hand-written). It is not modified.
         example_inputs: keyword arguments (diffusers style) or a tuple of positional arguments.
-        timestep_arg: the name of the timestep input; found by name (timestep, timesteps, t, sigma)
-            when not given.
+        timestep_arg: the name of the timestep input; when not given, found by name (timestep,
+            timesteps, t, sigma, sigmas), else by dataflow: the one input that feeds the sinusoidal
+            timestep projection (``find_timestep_by_dataflow``).
         sample_arg: the name of the noisy sample input; found by name or shape when not given.
         dynamic_batch: export with a symbolic batch dimension (``Dim.AUTO`` on dim 0 of every tensor). A
             batch-1 example is repeated to batch 2 for the export, so the batch stays symbolic.
@@ -216,18 +274,19 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = _normalize_inputs(model, example_inputs)
-    timestep = _find_timestep(inputs, timestep_arg)
-    if not isinstance(inputs[timestep], torch.Tensor):
-        inputs[timestep] = torch.as_tensor(inputs[timestep])
-    if inputs[timestep].dim() > 1:
-        raise CaptureError(f"timestep input {timestep!r} must be a scalar or a 1-D tensor, got shape "
-                           f"{list(inputs[timestep].shape)}")
-    sample = _find_sample(inputs, timestep, sample_arg)
+    named = _find_timestep(inputs, timestep_arg)
+    if named is not None:
+        if not isinstance(inputs[named], torch.Tensor):
+            inputs[named] = torch.as_tensor(inputs[named])
+        if inputs[named].dim() > 1:
+            raise CaptureError(f"timestep input {named!r} must be a scalar or a 1-D tensor, got shape "
+                               f"{list(inputs[named].shape)}")
 
     dynamic_shapes = None
     export_inputs = inputs
     if dynamic_batch:
-        export_inputs = widen_batch(inputs, sample)
+        # the sample by name or shape (a timestep is at most 1-D, so it is never taken for the sample)
+        export_inputs = widen_batch(inputs, _find_sample(inputs, named or "", sample_arg))
         dynamic_shapes = {k: pytree.tree_map(_batch_dim, v) for k, v in export_inputs.items()}
 
     flags = {m: m.training for m in model.modules()}
@@ -245,6 +304,8 @@ def capture(
 
     gm = ep.module()
     del ep
+    timestep = named if named is not None else find_timestep_by_dataflow(gm, inputs)
+    sample = _find_sample(inputs, timestep, sample_arg)
     _clone_state(gm)
     # ep.module() forbids train()/eval(); the graph is specialised to eval mode already, and the
     # training loops of later stages need the plain nn.Module methods back.

@@ -23,6 +23,7 @@ __all__ = [
     "RecipeError",
     "StepqError",
     "StepqWarning",
+    "TimestepClampWarning",
     "TimestepRangeError",
     "UnsupportedConversionError",
 ]
@@ -49,7 +50,8 @@ class InputSignatureError(StepqError, TypeError):
 
 
 class TimestepRangeError(StepqError, ValueError):
-    """A timestep falls outside the [0, T) grid of the timestep-indexed tables."""
+    """A timestep is not finite, or ``t · timestep_scale`` falls outside [0, T] (T = the recipe's
+    ``num_train_timesteps``), and the recipe's ``timestep_policy`` is ``"error"``."""
 
 
 class UnsupportedConversionError(StepqError, TypeError):
@@ -64,6 +66,10 @@ class StepqWarning(UserWarning):
 class FallbackWarning(StepqWarning):
     """Something fell back to a slower or less exact path than asked for: an ONNX node left as a
     float kernel, a translator that failed and was replaced by another, a clamped timestep."""
+
+
+class TimestepClampWarning(FallbackWarning):
+    """A timestep outside [0, T] was clamped into it (the recipe's ``timestep_policy="clamp"``)."""
 
 
 class ArtifactError(StepqError):

@@ -253,6 +253,11 @@ def timestep_index(t: Tensor, *, scale: float = 1.0, num_train_timesteps: int = 
     v = t.detach()
     if v.dtype.is_floating_point or scale != 1.0:
         v = torch.round(v.double() * scale)
+        if bool(torch.isnan(v).any()):
+            raise TimestepRangeError(f"timestep is NaN{' in ' + where if where else ''}; a timestep must be a "
+                                     f"finite number in [0, {num_train_timesteps}], and NaN is never clamped")
+        # ±inf (and huge values) would wrap around in the int64 cast; keep them far outside the range
+        v = v.clamp(-(2.0 ** 62), 2.0 ** 62)
     idx = v.to(torch.int64)
     if idx.numel():
         lo, hi = int(idx.min()), int(idx.max())

@@ -21,6 +21,7 @@ import torch.fx._pytree as fx_pytree
 from torch.fx.graph import _PyTreeCodeGen
 
 from stepq.compiler.errors import InputSignatureError
+from stepq.compiler.input_checks import TimestepRange, batched_args, check_call
 from stepq.compiler.state import ProgramState
 
 __all__ = ["STAGES", "InputSignature", "Program", "TensorInfo"]
@@ -76,8 +77,10 @@ class InputSignature:
         tensors = {k: TensorInfo.of(v) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         return cls(tuple(params), tuple(inputs), constants, tensors, timestep, defaults)
 
-    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """Map a call's arguments onto the captured inputs, with clear errors for what cannot be."""
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any], *,
+             timesteps: TimestepRange | None = None) -> dict[str, Any]:
+        """Map a call's arguments onto the captured inputs, with clear errors for what cannot be;
+        with ``timesteps``, the timestep's values are checked (raised or clamped) before its cast."""
         given: dict[str, Any] = {}
         positional = [n for n, pos in self.params if pos]
         if len(args) > len(positional):
@@ -100,7 +103,7 @@ class InputSignature:
                 value = self.constants[name]
             else:
                 raise InputSignatureError(f"missing argument {name!r} (the model was captured with it)")
-            out[name] = self._check(name, value)
+            out[name] = self._check(name, value, timesteps)
         for name, value in given.items():
             if value is None or (name in self.defaults and value == self.defaults[name]):
                 continue
@@ -109,7 +112,7 @@ class InputSignature:
                 f"graph cannot take it; capture again with {name!r} in example_inputs")
         return out
 
-    def _check(self, name: str, value: Any) -> Any:
+    def _check(self, name: str, value: Any, timesteps: TimestepRange | None = None) -> Any:
         if name in self.constants:
             if isinstance(value, torch.Tensor) or value != self.constants[name]:
                 raise InputSignatureError(
@@ -117,8 +120,11 @@ class InputSignature:
                     f"specialised on it; got {value!r}")
             return value
         info = self.tensors[name]
+        if value is None:
+            raise InputSignatureError(f"argument {name!r} is None; the model was captured with a {info.dtype} tensor "
+                                      f"of shape {list(info.shape)} there, and the graph needs one")
         if name == self.timestep:
-            return self._timestep(value, info)
+            return self._timestep(value, info, timesteps)
         if not isinstance(value, torch.Tensor):
             raise InputSignatureError(f"argument {name!r} must be a tensor, got {type(value).__name__}")
         if value.dim() != len(info.shape):
@@ -126,8 +132,14 @@ class InputSignature:
                                       f"(captured shape {list(info.shape)}), got shape {list(value.shape)}")
         return value
 
-    def _timestep(self, value: Any, info: TensorInfo) -> torch.Tensor:
-        t = torch.as_tensor(value)
+    def _timestep(self, value: Any, info: TensorInfo, timesteps: TimestepRange | None) -> torch.Tensor:
+        try:
+            t = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InputSignatureError(f"argument {self.timestep!r} (the timestep) must be a number or a tensor, "
+                                      f"got {type(value).__name__}: {e}") from None
+        if timesteps is not None:  # on the value as given, before a cast to the captured dtype
+            t = timesteps.check(t, name=self.timestep)
         dtype = info.torch_dtype
         if t.dtype != dtype:
             t = torch.round(t).to(dtype) if not dtype.is_floating_point and t.dtype.is_floating_point else t.to(dtype)
@@ -204,7 +216,8 @@ class Program:
         return self.gm(**self.bind(args, kwargs))
 
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        bound = self.signature.bind(args, kwargs)
+        bound = check_call(self.signature, self.signature.bind(args, kwargs, timesteps=self.timestep_range),
+                           sample_arg=self.sample_arg, batched=batched_args(self.gm, self.sample_arg))
         batch = None
         if self.sample_arg is not None and isinstance(bound.get(self.sample_arg), torch.Tensor):
             batch = bound[self.sample_arg].shape[0]
@@ -223,6 +236,13 @@ class Program:
             if node.op == "placeholder" and node.name == name:
                 return node
         raise KeyError(name)
+
+    @property
+    def timestep_range(self) -> TimestepRange | None:
+        """The valid timesteps once a recipe fixes T and the policy (None while only captured)."""
+        if self.recipe is None:
+            return None
+        return TimestepRange(self.recipe.num_train_timesteps, self.timestep_scale, self.recipe.timestep_policy)
 
     @property
     def timestep_node(self) -> torch.fx.Node:

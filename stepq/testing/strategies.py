@@ -57,6 +57,7 @@ __all__ = [
     "composed_recipes",
     "denoiser_configs",
     "denoisers",
+    "examples",
     "layer_rules",
     "layer_specs",
     "ptqd_recipes",
@@ -72,6 +73,20 @@ __all__ = [
 
 #: the number of training timesteps every generated recipe and timestep uses (the presets' T).
 T = 1000
+
+#: the ``max_examples`` of the profile the counts in ``examples`` are written for (``ci``).
+_BASE_EXAMPLES = 8
+
+
+def examples(n: int) -> int:
+    """``n`` examples scaled with the loaded hypothesis profile: as written under ``ci``
+    (max_examples 8), ×10 under ``nightly`` (80), ×5 under ``dev`` (40). For properties whose
+    examples are cheap, which set their own ``max_examples`` far above the profile's."""
+    from hypothesis import settings
+
+    current = settings.default
+    base = current.max_examples if current is not None else _BASE_EXAMPLES
+    return max(1, n * base // _BASE_EXAMPLES)
 
 
 # -- timesteps -----------------------------------------------------------------------------------

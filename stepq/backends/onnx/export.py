@@ -17,9 +17,11 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
+import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,14 +37,14 @@ from stepq.backends.base import PartitionResult
 from stepq.backends.onnx import direct
 from stepq.backends.onnx.lower import LoweringResult, lower
 from stepq.backends.onnx.partition import OnnxPartitioner
-from stepq.backends.onnx.postprocess import materialize_int4, write_metadata
+from stepq.backends.onnx.postprocess import clamp_timestep_input, materialize_int4, write_metadata
 from stepq.backends.onnx.translation import TRANSLATION_TABLE
 from stepq.compiler.capture import widen_batch
 from stepq.compiler.errors import FallbackWarning, PostconditionError, StepqError
 from stepq.compiler.program import InputSignature
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "ExportResult", "OnnxExportError", "OnnxInput", "example_inputs", "export_graph",
-           "lowered_copy"]
+           "lowered_copy", "write_atomically"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,26 @@ def tensor_leaves(kwargs: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
             # path = (SequenceKey(1), MappingKey(argument), ...nested keys)
             out.append((pytree.keystr(path), str(path[1].key), len(path) == 2))  # type: ignore[attr-defined]
     return out
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], *, external_data: bool) -> None:
+    """Run ``write(tmp)`` on a file of ``path``'s name in a temporary sibling folder, then rename it
+    (and its ``<name>.data`` when ``external_data``) into place: a failed write or check leaves no
+    partial file, and a previous file at ``path`` stays as it was. A stale ``<name>.data`` beside a
+    file written without external data is removed, so the pair on disk always belongs together."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    data = path.parent / (path.name + ".data")
+    try:
+        write(tmpdir / path.name)
+        if external_data:
+            os.replace(tmpdir / data.name, data)
+        os.replace(tmpdir / path.name, path)
+        if not external_data and data.exists():
+            data.unlink()
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def _rss_gb() -> float:
@@ -269,6 +291,8 @@ def export_graph(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dyna
         raise PostconditionError(f"the ONNX graph has {len(inputs)} inputs but the call has {len(keypaths)} tensors "
                                  f"({inputs} vs {keypaths})")
     prog = qm.program
+    timestep_input = next(n for n, (_, arg, _) in zip(inputs, leaves) if arg == signature.timestep)
+    clamp_timestep_input(model, str(timestep_input), prog.recipe.num_train_timesteps / prog.timestep_scale)
     write_metadata(model, {
         "format": 1,
         "signature": signature.to_dict(),
@@ -277,6 +301,8 @@ def export_graph(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dyna
         "sample_arg": prog.sample_arg,
         "timestep_scale": prog.timestep_scale,
         "recipe": getattr(prog.recipe, "name", None),
+        "num_train_timesteps": prog.recipe.num_train_timesteps,
+        "timestep_policy": prog.recipe.timestep_policy,
         "model_name": prog.model_name,
         "placements": partition.counts(),
         "float_quantized_layers": [str(r) for r in partition.rejections],
@@ -286,16 +312,21 @@ def export_graph(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dyna
     size = _initializer_bytes(model)
     use_external = size > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     data_name = path.name + ".data"
-    if use_external and (path.parent / data_name).exists():
-        (path.parent / data_name).unlink()
-    ir.save(model, path, external_data=data_name if use_external else None)
-    stages["save_s"] = time.perf_counter() - t
-    stages["save_rss_GB"] = _rss_gb()
-    del model
-    if check:
-        t = time.perf_counter()
-        onnx.checker.check_model(str(path))
-        stages["check_s"] = time.perf_counter() - t
+
+    final: ir.Model = model
+
+    def write(tmp: Path) -> None:
+        nonlocal t
+        ir.save(final, tmp, external_data=data_name if use_external else None)
+        stages["save_s"] = time.perf_counter() - t
+        stages["save_rss_GB"] = _rss_gb()
+        if check:
+            t = time.perf_counter()
+            onnx.checker.check_model(str(tmp))
+            stages["check_s"] = time.perf_counter() - t
+
+    write_atomically(path, write, external_data=use_external)
+    model = None  # the graph's tensors can be large: drop them before the result is built
     file_bytes = path.stat().st_size + ((path.parent / data_name).stat().st_size if use_external else 0)
     result = ExportResult(path, partition, lowered.counts | ({"int4_initializers": n_int4} if n_int4 else {}),
                           lowered.collapsed_per_sample, file_bytes, time.perf_counter() - t0, use_external, stages,

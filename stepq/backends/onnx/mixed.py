@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from stepq.artifact.quantized_model import QuantizedModel
-from stepq.backends.onnx.export import EXTERNAL_DATA_THRESHOLD, ExportResult, export_graph
+from stepq.backends.onnx.export import EXTERNAL_DATA_THRESHOLD, ExportResult, export_graph, write_atomically
 from stepq.compiler.errors import PostconditionError, PreconditionError
 from stepq.compiler.graph_utils import fetch_attr
 from stepq.methods.ptqd.mixed import specialize
@@ -205,12 +205,14 @@ def export_mixed(qm: QuantizedModel, path: str | os.PathLike[str], *, external_d
     size = sum(i.ByteSize() for i in graph.initializer)
     use_external = size > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     data_name = path.name + ".data"
-    if (path.parent / data_name).exists():
-        (path.parent / data_name).unlink()
-    onnx.save_model(merged, str(path), save_as_external_data=use_external, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=0)
-    if check:
-        onnx.checker.check_model(str(path))
+
+    def write(tmp: Path) -> None:
+        onnx.save_model(merged, str(tmp), save_as_external_data=use_external, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=0)
+        if check:
+            onnx.checker.check_model(str(tmp))
+
+    write_atomically(path, write, external_data=use_external)
     file_bytes = path.stat().st_size + ((path.parent / data_name).stat().st_size if use_external else 0)
     per_tensor = sorted({q for r in results.values() for q in r.per_tensor_timestep})
     result = MixedExportResult(

@@ -6,6 +6,10 @@
   initializer directly (its zero point becomes INT4 too); an integer kernel reads
   ``Cast(INT4 → INT8)``, which ONNX Runtime folds into an int8 constant at session creation, so
   the file stays 4-bit and the kernel stays integer.
+* the timestep input is clamped at the graph's entry (``clamp_timestep_input``): ONNX cannot raise,
+  so a timestep outside [0, T / timestep_scale] is clamped into it and NaN becomes 0, for every
+  model, with or without timestep tables. (``stepq.backends.onnx.load`` checks the call in Python
+  first, as the reference backend does, so this only decides what a bare ONNX Runtime session does.)
 * stepq's metadata (call signature, input mapping, output structure, timestep grid, placements)
   goes into ``metadata_props`` for ``stepq.backends.onnx.load``.
 """
@@ -24,7 +28,7 @@ from stepq.backends.onnx.translation import EXPORT_DOMAIN, INT4_WEIGHT_OP
 from stepq.compiler import ops
 from stepq.compiler.errors import PostconditionError
 
-__all__ = ["METADATA_PREFIX", "materialize_int4", "read_metadata", "write_metadata"]
+__all__ = ["METADATA_PREFIX", "clamp_timestep_input", "materialize_int4", "read_metadata", "write_metadata"]
 
 METADATA_PREFIX = "stepq."
 
@@ -81,6 +85,43 @@ def materialize_int4(model: ir.Model) -> int:
         if not v.uses() and not v.is_graph_output():
             del graph.initializers[name]
     return count
+
+
+def clamp_timestep_input(model: ir.Model, name: str, upper: float) -> int:
+    """Every reader of graph input ``name`` reads ``Where(IsNaN(t), 0, Clip(t, 0, upper))`` instead
+    (integer timesteps: ``Clip(t, 0, floor(upper))``). Returns the number of nodes inserted."""
+    graph = model.graph
+    t = next((v for v in graph.inputs if v.name == name), None)
+    if t is None:
+        raise PostconditionError(f"the ONNX graph has no input {name!r} to clamp (inputs: {[v.name for v in graph.inputs]})")
+    uses = list(t.uses())
+    if not uses:
+        return 0
+    dtype = t.dtype
+    assert dtype is not None
+    is_float = dtype.is_floating_point()
+    np_dtype = dtype.numpy()
+
+    def const(v: float, label: str) -> ir.Node:
+        return ir.node("Constant", [], attributes={"value": ir.tensor(np.array(v, dtype=np_dtype), name=label)},
+                       name=f"{name}_{label}")
+
+    lo, hi = const(0, "range_lo"), const(upper if is_float else float(np.floor(upper)), "range_hi")
+    clip = ir.node("Clip", [t, lo.outputs[0], hi.outputs[0]], name=f"{name}_clamp")
+    new: list[ir.Node] = [lo, hi, clip]
+    out = clip.outputs[0]
+    if is_float:
+        isnan = ir.node("IsNaN", [t], name=f"{name}_isnan")
+        where = ir.node("Where", [isnan.outputs[0], lo.outputs[0], out], name=f"{name}_nan_to_zero")
+        new += [isnan, where]
+        out = where.outputs[0]
+    out.name = f"{name}_clamped"
+    out.dtype, out.shape = dtype, t.shape
+    first = next(iter(graph))
+    graph.insert_before(first, new)
+    for node, index in uses:
+        node.replace_input_with(index, out)
+    return len(new)
 
 
 def write_metadata(model: ir.Model, data: Mapping[str, Any]) -> None:

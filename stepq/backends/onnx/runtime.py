@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 
 from stepq.backends.onnx.postprocess import read_metadata
 from stepq.compiler.errors import ArtifactError
+from stepq.compiler.input_checks import TimestepRange, check_call
 from stepq.compiler.program import InputSignature
 
 __all__ = ["DISABLED_OPTIMIZERS", "OnnxModel", "load", "session_options"]
@@ -87,12 +88,16 @@ class OnnxModel:
         self.metadata = meta
         self.signature = InputSignature.from_dict(meta["signature"])
         self.sample_arg: str | None = meta.get("sample_arg")
+        self.timestep_range = (TimestepRange(int(meta["num_train_timesteps"]), float(meta.get("timestep_scale", 1.0)),
+                                             str(meta.get("timestep_policy", "error")))
+                               if "num_train_timesteps" in meta else None)
         self._inputs = [(n, k) for n, k in meta["inputs"]]
         self._types = {i.name: _NP.get(i.type, np.float32) for i in self.session.get_inputs()}
         self._out_spec = pytree.treespec_loads(meta["out_spec"]) if meta.get("out_spec") else None
 
     def bind(self, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-        bound = self.signature.bind(args, kwargs)
+        bound = check_call(self.signature, self.signature.bind(args, kwargs, timesteps=self.timestep_range),
+                           sample_arg=self.sample_arg)
         batch = None
         if self.sample_arg is not None and isinstance(bound.get(self.sample_arg), torch.Tensor):
             batch = bound[self.sample_arg].shape[0]
