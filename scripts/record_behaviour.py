@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/record_behaviour.py [--check]
 
-Run once on a known-good tree; ``tests/test_behaviour.py`` then asserts bit-identical outputs.
+Run once per platform (CPU vendor / capability / AMX: tests/behaviour.py) on a known-good tree;
+``tests/test_behaviour.py`` then asserts bit-identical outputs.
 ``--check`` compares instead of writing. One torch thread, so the reductions have one order.
 """
 
@@ -33,7 +34,7 @@ def main() -> None:
             print(name, "identical" if not bad and set(ref) == set(out) else f"DIFFERENT: {bad}")
         else:
             save_file({k: v.contiguous() for k, v in out.items()}, behaviour.path(name))
-            print(name, len(out), "presets recorded")
+            print(name, len(out), "presets recorded for", behaviour.platform_key())
 
 
 if __name__ == "__main__":

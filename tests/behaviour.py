@@ -6,6 +6,12 @@ on a fixed calibration set, and returns each compiled model's outputs at fixed i
 were recorded before the compiler was reshaped (``scripts/record_behaviour.py`` writes
 ``tests/data/behaviour_<name>.safetensors``); ``tests/test_behaviour.py`` asserts that today's code
 reproduces them bit for bit.
+
+Bit-identical float results hold on one kind of CPU only: the same code gives other last bits on
+another vendor's CPU (MKL / oneDNN take other kernels), which 4-bit rounding then amplifies. So a
+recording is kept per platform (``platform_key()``: CPU vendor, torch's CPU capability, AMX), each
+made from the same code (the tree before the reshape for AMD; for Intel + AMX, commit 1cfa81f, the
+last tree whose AMD recording passed, re-run on that machine).
 """
 
 from __future__ import annotations
@@ -31,8 +37,32 @@ LOCKED_PRESETS = (
 )
 
 
-def path(name: str) -> Path:
-    return DATA / f"behaviour_{name}.safetensors"
+def platform_key() -> str:
+    """``<CPU vendor>-<torch CPU capability>[-amx]``, e.g. ``AuthenticAMD-AVX512``, ``GenuineIntel-AVX512-amx``."""
+    vendor, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    vendor = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    key = f"{vendor}-{torch.backends.cpu.get_cpu_capability()}"
+    return key + ("-amx" if "amx_tile" in flags else "")
+
+
+def path(name: str, platform: str | None = None) -> Path:
+    return DATA / f"behaviour_{name}.{platform or platform_key()}.safetensors"
+
+
+def recorded_platforms() -> list[str]:
+    names = {p.name.removeprefix(f"behaviour_{MODELS[0]}.").removesuffix(".safetensors")
+             for p in DATA.glob(f"behaviour_{MODELS[0]}.*.safetensors")}
+    return sorted(names)
 
 
 def _short(recipe: stepq.Recipe) -> stepq.Recipe:

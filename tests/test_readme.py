@@ -35,7 +35,6 @@ def test_readme_snippet_runs_as_printed(tmp_path, monkeypatch):
 
 #: stepq.load's signature is being extended (map_location, issue 14 items 1-4) in another branch,
 #: which documents it; it is checked once that lands
-PENDING = {"load"}
 
 
 def _public() -> list[tuple[str, object]]:
@@ -63,8 +62,6 @@ def _parameters(obj: object) -> list[str]:
 def test_public_callables_document_every_argument(name, obj):
     doc = inspect.getdoc(obj) or ""
     assert doc.strip(), f"{name} has no docstring"
-    if name in PENDING:
-        pytest.xfail(f"{name}: documented by the branch that changes its signature")
     if inspect.isclass(obj) and issubclass(obj, Exception):
         return
     missing = [p for p in _parameters(obj) if not re.search(rf"(?<![\w.]){re.escape(p)}\b", doc)]

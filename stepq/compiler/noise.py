@@ -14,7 +14,7 @@ import re
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["LOG_NOISE", "WARNING_NOISE", "contained_noise"]
+__all__ = ["LOG_NOISE", "WARNING_NOISE", "contained_noise", "drop_noise"]
 
 #: (logger, message regex, why it is noise)
 LOG_NOISE: tuple[tuple[str, str, str], ...] = (
@@ -28,6 +28,8 @@ LOG_NOISE: tuple[tuple[str, str, str], ...] = (
      "capture widens a batch-1 example itself; the remaining size-1 dims are not the batch"),
     ("torchao", r"Failed to load .*\.so", "torchao's CUDA extensions on a CPU-only install"),
     ("diffusers.utils.import_utils", r"Unable to import `torchao`", "the same torchao extensions, via diffusers"),
+    ("diffusers.quantizers.torchao.torchao_quantizer", r"Unable to import `torchao`",
+     "the same torchao extensions, via diffusers' torchao quantizer probe"),
 )
 
 #: (category, message regex, why it is noise)
@@ -49,23 +51,45 @@ class _Drop(logging.Filter):
         return not any(p.search(msg) for p in self.patterns)
 
 
-@contextlib.contextmanager
-def contained_noise() -> Iterator[None]:
-    """Drop the ``LOG_NOISE`` records and ``WARNING_NOISE`` warnings inside the block."""
+def _install() -> list[tuple[logging.Logger, logging.Filter]]:
     by_logger: dict[str, list[re.Pattern[str]]] = {}
     for name, pattern, _ in LOG_NOISE:
         by_logger.setdefault(name, []).append(re.compile(pattern))
-    installed = []
+    installed: list[tuple[logging.Logger, logging.Filter]] = []
     for name, patterns in by_logger.items():
         f = _Drop(patterns)
         logger = logging.getLogger(name)
         logger.addFilter(f)
         installed.append((logger, f))
+    return installed
+
+
+def _ignore_warnings() -> None:
+    for category, pattern, _ in WARNING_NOISE:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+
+
+@contextlib.contextmanager
+def contained_noise() -> Iterator[None]:
+    """Drop the ``LOG_NOISE`` records and ``WARNING_NOISE`` warnings inside the block."""
+    installed = _install()
     try:
         with warnings.catch_warnings():
-            for category, pattern, _ in WARNING_NOISE:
-                warnings.filterwarnings("ignore", message=pattern, category=category)
+            _ignore_warnings()
             yield
     finally:
         for logger, f in installed:
             logger.removeFilter(f)
+
+
+_dropped_for_good = False
+
+
+def drop_noise() -> None:
+    """The same filters for the rest of the process (idempotent): for the entry points (the ``stepq``
+    command, the demo), whose imports print before any stepq call. Library code never calls it."""
+    global _dropped_for_good
+    if not _dropped_for_good:
+        _install()
+        _ignore_warnings()
+        _dropped_for_good = True

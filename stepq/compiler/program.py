@@ -190,6 +190,8 @@ class Program:
     called (``InputSignature``); ``timestep_arg`` / ``sample_arg``: the names of the timestep and
     sample inputs; ``model_name``: the source model's class; ``timestep_scale``: the factor that
     maps a call's timestep to the integer training timestep (1000 for flow matching's t ∈ [0, 1]);
+    ``model_config``: the source model's diffusers config as JSON values (None for other models);
+    ``output_class``: ``module:qualname`` of the output dataclass it returns with ``return_dict=True``;
     ``recipe``: the ``Recipe`` once prepared; ``stage``: ``captured`` → ``prepared`` →
     ``calibrated`` → ``converted``; ``history``: the passes run so far; ``state``: method state
     that is not in the graph (observer statistics, timestep tables, PTQD statistics).
