@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from cuda_kernels import time_us
 from cuda_partition import TERNARY, W4A16, dit_inputs
 from diffusers import DiTTransformer2DModel
 
@@ -34,18 +35,8 @@ BE = get_backend("cupy")
 
 
 def time_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    """Median CUDA-event time of ``fn`` after warm-up (benchmarks/cuda_kernels.time_us), in ms."""
+    return time_us(fn, iters) / 1e3
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
