@@ -105,7 +105,9 @@ def make_denoiser(
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         if guided and uncond is not None:
-            kw = make(torch.cat([x, x]), t, _cat_cond(cond, uncond))
+            t2 = torch.as_tensor(t)
+            t2 = torch.cat([t2.reshape(-1), t2.reshape(-1)]) if t2.numel() > 1 else t2  # one timestep per sample
+            kw = make(torch.cat([x, x]), t2, _cat_cond(cond, uncond))
         else:
             kw = make(x, t, cond)
         out = model_output(model(**kw))

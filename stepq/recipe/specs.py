@@ -529,6 +529,8 @@ class QALoRAConfig(_Section):
     talsq: bool = True
     exclude_roles: tuple[str, ...] = ("input", "output", "timestep_embedding")
     seed: int = 0
+    order: str = "trajectory"
+    buffer_trajectories: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude_roles", tuple(self.exclude_roles))
@@ -539,6 +541,10 @@ class QALoRAConfig(_Section):
                f"QALoRAConfig.num_inference_steps must be None or >= 1, got {self.num_inference_steps}")
         _check(self.lora_lr > 0 and self.act_lr > 0 and self.weight_step_lr >= 0,
                "QALoRAConfig learning rates must be > 0 (weight_step_lr >= 0)")
+        _check(self.order in ("trajectory", "shuffled"),
+               f"QALoRAConfig.order must be 'trajectory' or 'shuffled', got {self.order!r}")
+        _check(isinstance(self.buffer_trajectories, int) and self.buffer_trajectories >= 1,
+               f"QALoRAConfig.buffer_trajectories must be an integer >= 1, got {self.buffer_trajectories!r}")
         bad = set(self.exclude_roles) - ROLE_NAMES
         _check(not bad, f"QALoRAConfig.exclude_roles: unknown role(s) {sorted(bad)}; known: {sorted(ROLE_NAMES)}")
 

@@ -21,7 +21,7 @@ optimiser and the generator are local, so the loop can run under DistributedData
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -168,24 +168,45 @@ def distill_qalora(
         if len(curve) >= steps:
             raise _Done
 
+    def draw(n: int) -> tuple[Tensor, dict[str, Any], dict[str, Any] | None]:
+        noise = torch.randn((n, *shape), generator=gen)
+        cond: dict[str, Any] = dict(sampling.conditions(n, gen)) if sampling.conditions else {}
+        un = dict(sampling.uncond(cond)) if sampling.uncond is not None else None
+        return noise, cond, un
+
+    def denoiser(model: Callable[..., Any], cond: Mapping[str, Any],
+                 un: Mapping[str, Any] | None) -> Callable[[Tensor, Tensor], Tensor]:
+        return make_denoiser(model, make_inputs=make, cond=cond, uncond=un, guidance_scale=sampling.guidance_scale,
+                             channels=channels)
+
     gm.train()
     trajectory = 0
     try:
-        while len(curve) < steps:
-            noise = torch.randn((cfg.batch_size, *shape), generator=gen)
-            cond: Mapping[str, Any] = dict(sampling.conditions(cfg.batch_size, gen)) if sampling.conditions else {}
-            un = dict(sampling.uncond(cond)) if sampling.uncond is not None else None
-            fp = make_denoiser(teacher, make_inputs=make, cond=cond, uncond=un, guidance_scale=sampling.guidance_scale,
-                               channels=channels)
-            student = make_denoiser(prog, make_inputs=make, cond=cond, uncond=un,
-                                    guidance_scale=sampling.guidance_scale, channels=channels)
-            denoise = _training_denoiser(fp, student, train_step)
-            try:
-                sample(denoise, sampling.scheduler, noise, n_steps, seed=seed * 1_000_003 + trajectory,
-                       eta=sampling.eta)
-            except _Done:
-                break
-            trajectory += 1
+        if cfg.order == "trajectory":
+            while len(curve) < steps:
+                noise, cond, un = draw(cfg.batch_size)
+                denoise = _training_denoiser(denoiser(teacher, cond, un), denoiser(prog, cond, un), train_step)
+                try:
+                    sample(denoise, sampling.scheduler, noise, n_steps, seed=seed * 1_000_003 + trajectory,
+                           eta=sampling.eta)
+                except _Done:
+                    break
+                trajectory += 1
+        else:
+            while len(curve) < steps:
+                buffer = _TeacherBuffer()
+                for _ in range(cfg.buffer_trajectories):
+                    noise, cond, un = draw(cfg.batch_size)
+                    buffer.record(denoiser(teacher, cond, un), sampling, noise, n_steps, cond,
+                                  seed=seed * 1_000_003 + trajectory)
+                    trajectory += 1
+                try:
+                    for x, t, target, cond in buffer.batches(cfg.batch_size, gen):
+                        un = dict(sampling.uncond(cond)) if sampling.uncond is not None else None
+                        with torch.enable_grad():
+                            train_step(denoiser(prog, cond, un)(x, t), target)
+                except _Done:
+                    break
     finally:
         bar.close()
         gm.eval()
@@ -193,6 +214,47 @@ def distill_qalora(
             p.requires_grad_(False)
     or_bool_buffers(gm)  # TALSQ's visited timesteps: the union over the ranks
     return curve
+
+
+class _TeacherBuffer:
+    """The teacher's steps of a few trajectories, (x_t, t, ε_FP, conditioning) per sample and step,
+    served back as shuffled minibatches: every kept pair once, in random order across samples and
+    timesteps (``QALoRAConfig.order = "shuffled"``)."""
+
+    def __init__(self) -> None:
+        self.x: list[Tensor] = []
+        self.t: list[Tensor] = []
+        self.eps: list[Tensor] = []
+        self.sample: list[Tensor] = []  # index of the sample (into the concatenated conditioning)
+        self.conds: list[dict[str, Any]] = []
+        self.n = 0
+
+    def record(self, fp: Callable[[Tensor, Tensor], Tensor], sampling: Sampling, noise: Tensor, n_steps: int,
+               cond: Mapping[str, Any], *, seed: int) -> None:
+        ids = torch.arange(self.n, self.n + noise.shape[0])
+
+        def denoise(x: Tensor, t: Tensor) -> Tensor:
+            eps = fp(x, t)
+            self.x.append(x.detach().clone())
+            self.t.append(torch.as_tensor(t).reshape(-1).expand(x.shape[0]).clone())
+            self.eps.append(eps.detach().clone())
+            self.sample.append(ids)
+            return eps
+
+        sample(denoise, sampling.scheduler, noise, n_steps, seed=seed, eta=sampling.eta)
+        self.conds.append(dict(cond))
+        self.n += noise.shape[0]
+
+    def batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Tensor, dict[str, Any]]]:
+        x, t, eps, ids = torch.cat(self.x), torch.cat(self.t), torch.cat(self.eps), torch.cat(self.sample)
+        cond = {k: (torch.cat([c[k] for c in self.conds]) if isinstance(v, Tensor) else v)
+                for k, v in (self.conds[0] if self.conds else {}).items()}
+        perm = torch.randperm(x.shape[0], generator=gen)
+        for chunk in perm.split(batch_size):
+            if chunk.numel() < batch_size:
+                break  # every batch the same size (the last partial one is dropped)
+            yield x[chunk], t[chunk], eps[chunk], {k: (v[ids[chunk]] if isinstance(v, Tensor) else v)
+                                                  for k, v in cond.items()}
 
 
 def _training_denoiser(fp: Callable[[Tensor, Tensor], Tensor], student: Callable[[Tensor, Tensor], Tensor],
