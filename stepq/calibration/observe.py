@@ -9,24 +9,39 @@ Under a torch.distributed process group each rank runs its own share of the data
 ``collect`` returned on that rank) and the observers are then reduced over the ranks
 (``stepq.calibration.distributed``), so every rank holds the statistics of all the data. An error
 on one rank (a NaN in a layer's input) is raised on every rank, naming the failing rank.
+
+Weights are static while the data runs, so the calls run through a copy of the graph in which
+every weight quantizer whose operands are all attributes (``fake_quant(W, s, z)``,
+``ternary(W, α)``) is computed once (``fold_weight_quantizers``): the same tensors, bit for bit,
+without re-quantizing every weight at every call. The copy shares every parameter, buffer and
+observer with the program's module, which is not modified; the folded weights stay within
+``FOLD_BUDGET_BYTES`` (beyond it the remaining quantizers run per call, as before).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+import torch.fx
 from tqdm.auto import tqdm
 
 from stepq.calibration.distributed import reduce_observers, reseed_observers
 from stepq.calibration.observers import observer_nodes
+from stepq.compiler import ops
 from stepq.compiler.distributed import all_reduce, is_distributed, raise_on_any_rank, world_size
 from stepq.compiler.errors import CalibrationError
+from stepq.compiler.graph_utils import fetch_attr, register_tensor
 from stepq.compiler.pass_manager import CompileInputs, Contract, PassResult, StageIs, Step
 from stepq.compiler.program import Program
 
-__all__ = ["Observe", "as_call"]
+__all__ = ["FOLD_BUDGET_BYTES", "Observe", "as_call", "fold_weight_quantizers"]
+
+#: the most bytes of quantized weights held at once by ``fold_weight_quantizers``
+FOLD_BUDGET_BYTES = 1 << 30
+_WEIGHT_QUANTIZERS = (ops.FAKE_QUANT, ops.TERNARY)
 
 
 def as_call(item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -36,6 +51,37 @@ def as_call(item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(item, (tuple, list)):
         return tuple(item), {}
     raise CalibrationError(f"a calibration item must be a dict of keyword arguments or a tuple, got {type(item).__name__}")
+
+
+def fold_weight_quantizers(gm: torch.fx.GraphModule, budget: int = FOLD_BUDGET_BYTES
+                           ) -> tuple[torch.fx.GraphModule, int]:
+    """A module running ``gm``'s graph with every weight quantizer whose tensor operands are all
+    ``get_attr`` nodes replaced by its value, computed once (up to ``budget`` bytes of them), and
+    the number folded. ``gm`` is not modified: the copy shares its parameters, buffers and
+    submodules (the observers, which therefore record into ``gm``'s own)."""
+    graph = copy.deepcopy(gm.graph)
+    folded = torch.fx.GraphModule(gm, graph)
+    count, used = 0, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _WEIGHT_QUANTIZERS:
+            continue
+        operands = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if not operands or any(a.op != "get_attr" for a in operands):
+            continue
+        args = [fetch_attr(folded, a.target) if isinstance(a, torch.fx.Node) else a for a in node.args]
+        value = node.target(*args, **node.kwargs)
+        if used + value.numel() * value.element_size() > budget:
+            break
+        used += value.numel() * value.element_size()
+        name = register_tensor(folded, f"_observe_folded_{count}", value)
+        with graph.inserting_before(node):
+            const = graph.get_attr(name)
+        const.meta = dict(node.meta)
+        node.replace_all_uses_with(const)
+        graph.erase_node(node)
+        count += 1
+    folded.recompile()
+    return folded, count
 
 
 class Observe(Step):
@@ -57,6 +103,7 @@ class Observe(Step):
         if inputs.max_batches is not None and total is not None:
             total = min(total, inputs.max_batches)
         reseed_observers([m for _, m in observers])
+        run = fold_weight_quantizers(prog.gm)[0] if observers else prog.gm
         first = None
         n = 0
         error: Exception | None = None
@@ -66,10 +113,11 @@ class Observe(Step):
                 if inputs.max_batches is not None and n >= inputs.max_batches:
                     break
                 args, kwargs = as_call(item)
+                bound = prog.bind(args, kwargs)
                 if first is None:
-                    first = prog.bind(args, kwargs)
+                    first = bound
                 if observers:
-                    prog(*args, **kwargs)
+                    run(**bound)
                 if self.keep_calls:
                     inputs.kept.append(prog.bind(args, kwargs))
                 n += 1

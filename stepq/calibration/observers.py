@@ -44,14 +44,16 @@ class Reservoir:
         if n == 0:
             return
         m = min(n, self.size)
-        idx = torch.randint(0, n, (m,), generator=generator) if m < n else torch.arange(n)
+        idx = torch.randint(0, n, (m,), generator=generator) if m < n else None
         u = torch.rand(m, generator=generator).clamp_min(1e-30)
         keys = u.log() * (m / n)  # log(u^(1/w)) with w = n/m: larger is kept
-        vals = flat[idx]
         if self._threshold > float("-inf"):
-            # a full reservoir never takes a key below its smallest one
+            # a full reservoir never takes a key below its smallest one; the values are gathered
+            # after this filter, so a late call copies only what it keeps
             keep = keys > self._threshold
-            keys, vals = keys[keep], vals[keep]
+            keys = keys[keep]
+            idx = keep.nonzero().reshape(-1) if idx is None else idx[keep]
+        vals = flat.clone() if idx is None else flat[idx]
         self._values.append(vals)
         self._keys.append(keys)
         self._pending += keys.numel()
@@ -174,21 +176,27 @@ class ActivationObserver(torch.nn.Module):
             return x
         rows = x.detach().reshape(x.shape[0], -1) if x.dim() >= 1 else x.detach().reshape(1, 1)
         ts = self._sample_timesteps(rows, t)
-        finite = torch.isfinite(rows).all(dim=1)
+        rows_f = rows.float()
+        lo, hi = rows_f.amin(dim=1), rows_f.amax(dim=1)
+        # amin / amax propagate NaN and keep ±inf: a row is finite iff both of its extremes are
+        finite = torch.isfinite(lo) & torch.isfinite(hi)
         if not bool(finite.all()):
             bad = int(ts[~finite][0])
             raise CalibrationError(f"non-finite values (NaN or Inf) in the input of layer {self.layer!r} at "
                                    f"timestep {bad}")
         st = self.stats
-        rows_f = rows.float()
-        st.min.scatter_reduce_(0, ts, rows_f.amin(dim=1), reduce="amin")
-        st.max.scatter_reduce_(0, ts, rows_f.amax(dim=1), reduce="amax")
+        st.min.scatter_reduce_(0, ts, lo, reduce="amin")
+        st.max.scatter_reduce_(0, ts, hi, reduce="amax")
         rows_d = rows.double()
         st.sum.index_add_(0, ts, rows_d.sum(dim=1))
         st.sumsq.index_add_(0, ts, (rows_d * rows_d).sum(dim=1))
         st.count.index_add_(0, ts, torch.full_like(ts, rows.shape[1], dtype=torch.float64))
         st.overall.add(rows, self._gen)
-        for tv in torch.unique(ts).tolist():
+        steps = torch.unique(ts).tolist()
+        if len(steps) == 1:  # the usual batch: every sample at one step, no copy of the rows
+            st.per_timestep.setdefault(int(steps[0]), Reservoir(st.per_timestep_size)).add(rows, self._gen)
+            return x
+        for tv in steps:
             res = st.per_timestep.setdefault(int(tv), Reservoir(st.per_timestep_size))
             res.add(rows[ts == tv], self._gen)
         return x
