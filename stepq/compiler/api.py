@@ -17,6 +17,7 @@ import torch
 from stepq.artifact.quantized_model import QuantizedModel
 from stepq.calibration.collect import Sampling
 from stepq.calibration.observers import observer_nodes
+from stepq.compiler.borrow import own_all
 from stepq.compiler.capture import capture
 from stepq.compiler.errors import CalibrationError, PreconditionError, RecipeError
 from stepq.compiler.pass_manager import CompileInputs
@@ -151,6 +152,9 @@ def convert(prog: Program, *, inplace: bool = False, report: bool = True, passes
     if not inplace:
         prog = prog.copy()
     run_phase(prog, "convert", CompileInputs(report=report), passes=passes, dump=dump)
+    # what is still borrowed from the user's model (float-kept layers, biases: the quantized weights
+    # are integer tensors of the program's own by now) is copied, so a QuantizedModel owns its tensors
+    own_all(prog.borrowed, prog.gm)
     prog.state.report_batch = None
     prog.advance("converted")
     return QuantizedModel(prog)

@@ -2,8 +2,10 @@
 
 ``torch.fx.symbolic_trace`` fails on every diffusers denoiser (``len()`` of a proxy, iteration over
 shapes, shape control flow); torch.export captures all of them bit-exactly (FACTS.md Q1), so it is
-the only front end. The user's model is left as it was: its parameters and buffers are cloned into
-the graph module (``ep.module()`` shares their storage), and its training flags are restored.
+the only front end. The user's model is left as it was: the graph module reads its parameters and
+buffers without copying them (``ep.module()`` shares their storage; capture keeps the sharing and
+records every shared tensor as borrowed, read-only: ``stepq.compiler.borrow``), and its training
+flags are restored.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.fx
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
+from stepq.compiler.borrow import Borrowed
 from stepq.compiler.errors import CaptureError
 from stepq.compiler.noise import contained_noise
 from stepq.compiler.program import InputSignature, Program
@@ -234,18 +237,30 @@ def _capture_error(model: torch.nn.Module, exc: BaseException) -> CaptureError:
                         f"{first}{where}\n  what to try: {_advice(exc, (frame.line or '') if frame else '')}")
 
 
-def _clone_state(gm: torch.fx.GraphModule) -> None:
-    """Give the graph module its own copies of every parameter, buffer and tensor constant."""
-    for mod in gm.modules():
+def _borrow_state(gm: torch.fx.GraphModule) -> Borrowed:
+    """Give the graph module its own tensor objects that share the storage of the model's
+    parameters, buffers and tensor constants (``detach()``: the same storage and version counter,
+    ``requires_grad`` off, the model's own objects and flags untouched), and record them as
+    borrowed: read-only to every stage (``stepq.compiler.borrow``), checked after every pass."""
+    borrowed = Borrowed()
+    for prefix, mod in gm.named_modules():
+        where = f"{prefix}." if prefix else ""
         for name, p in list(mod._parameters.items()):
             if p is not None:
-                mod._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                param = torch.nn.Parameter(p.detach(), requires_grad=False)
+                mod._parameters[name] = param
+                borrowed.record(where + name, param)
         for name, b in list(mod._buffers.items()):
             if b is not None:
-                mod._buffers[name] = b.detach().clone()
+                buf = b.detach()
+                mod._buffers[name] = buf
+                borrowed.record(where + name, buf)
         for name, v in list(vars(mod).items()):
             if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
-                setattr(mod, name, v.detach().clone())
+                view = v.detach()
+                setattr(mod, name, view)
+                borrowed.record(where + name, view)
+    return borrowed
 
 
 def capture(
@@ -306,7 +321,7 @@ def capture(
     del ep
     timestep = named if named is not None else find_timestep_by_dataflow(gm, inputs)
     sample = _find_sample(inputs, timestep, sample_arg)
-    _clone_state(gm)
+    borrowed = _borrow_state(gm)
     # ep.module() forbids train()/eval(); the graph is specialised to eval mode already, and the
     # training loops of later stages need the plain nn.Module methods back.
     for attr in ("train", "eval"):
@@ -320,6 +335,6 @@ def capture(
     signature = InputSignature.from_call(model.forward, inputs, timestep)
     prog = Program(gm=gm, signature=signature, timestep_arg=timestep, sample_arg=sample,
                    model_name=type(model).__name__, timestep_scale=float(timestep_scale),
-                   model_config=_model_config(model), output_class=_output_class(model))
+                   model_config=_model_config(model), output_class=_output_class(model), borrowed=borrowed)
     log.info("captured %s: %d nodes, timestep=%r, sample=%r", prog.model_name, len(gm.graph.nodes), timestep, sample)
     return prog

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArtifactError",
+    "BorrowError",
     "CalibrationError",
     "CaptureError",
     "DumpError",
@@ -108,6 +109,11 @@ class PreconditionError(InvariantError):
 
 class PostconditionError(InvariantError):
     """A pass left the graph in a state that breaks an invariant (lint, shapes)."""
+
+
+class BorrowError(InvariantError):
+    """A tensor the program borrows from the user's model (shared read-only since capture) was
+    written in place: by a pass (named), or by the caller between capture and convert."""
 
 
 class PassError(StepqError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-__all__ = ["arg_node", "as_parameter", "delete_attr", "fetch_attr", "has_attr", "register_tensor", "unique_name"]
+__all__ = ["arg_node", "as_parameter", "delete_attr", "fetch_attr", "has_attr", "owner", "register_tensor", "unique_name"]
 
 
 def _owner(gm: torch.nn.Module, qualname: object, create: bool) -> tuple[torch.nn.Module, str]:
@@ -22,6 +22,11 @@ def _owner(gm: torch.nn.Module, qualname: object, create: bool) -> tuple[torch.n
             raise AttributeError(f"{qualname}: {part!r} is not a module")
         mod = nxt
     return mod, leaf
+
+
+def owner(gm: torch.nn.Module, qualname: object) -> tuple[torch.nn.Module, str]:
+    """(the module that holds ``qualname``, its leaf name)."""
+    return _owner(gm, qualname, create=False)
 
 
 def has_attr(gm: torch.nn.Module, qualname: object) -> bool:

@@ -418,6 +418,7 @@ def run_passes(prog: Program, passes: Iterable[Any], *, inputs: CompileInputs | 
     folder = resolve_dump(dump)
     done: list[str] = []
     records: list[PassRecord] = []
+    prog.borrowed.check(after=None)  # the user's model changed under the program since capture
     for p in passes:
         if p is None:
             continue
@@ -443,6 +444,7 @@ def run_passes(prog: Program, passes: Iterable[Any], *, inputs: CompileInputs | 
             raise PassError(p.name, done, e) from e
         if not isinstance(result, PassResult):
             raise PostconditionError(f"pass {p.name!r} returned {type(result).__name__}, not a PassResult")
+        prog.borrowed.check(after=p.name)  # copy on write: no stage writes the user's tensors
         if result.modified:
             prog.gm.recompile()
         lint(prog.gm, p.name)

@@ -20,6 +20,7 @@ import torch.fx
 import torch.fx._pytree as fx_pytree
 from torch.fx.graph import _PyTreeCodeGen
 
+from stepq.compiler.borrow import Borrowed
 from stepq.compiler.errors import InputSignatureError
 from stepq.compiler.input_checks import TimestepRange, batched_args, check_call
 from stepq.compiler.state import ProgramState
@@ -213,6 +214,9 @@ class Program:
     history: list[str] = field(default_factory=list)
     #: method state that is not part of the graph: observer statistics, timestep tables, PTQD stats.
     state: ProgramState = field(default_factory=ProgramState)
+    #: the user's tensors the graph module reads without owning them (capture shares them read-only;
+    #: stepq.compiler.borrow), shared with the program's copies
+    borrowed: Borrowed = field(default_factory=Borrowed, repr=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.gm(**self.bind(args, kwargs))
@@ -255,8 +259,17 @@ class Program:
 
     def copy(self) -> Program:
         """An independent copy: its own graph module (parameters and buffers), history and state
-        containers (the statistics objects inside the state are shared, read-only)."""
-        return self.replace(gm=copy.deepcopy(self.gm), history=list(self.history), state=self.state.copy())
+        containers (the statistics objects inside the state are shared, read-only). The tensors
+        borrowed from the user's model stay borrowed, by both: they are read-only to either
+        (``stepq.compiler.borrow``), so one copy of them serves every program."""
+        memo: dict[int, Any] = {}
+        storages = self.borrowed.storages()
+        for mod in self.gm.modules():
+            for t in (*mod._parameters.values(), *mod._buffers.values(),
+                      *(v for v in vars(mod).values() if isinstance(v, torch.Tensor))):
+                if t is not None and self.borrowed.is_borrowed(t, storages):
+                    memo[id(t)] = t
+        return self.replace(gm=copy.deepcopy(self.gm, memo), history=list(self.history), state=self.state.copy())
 
     def advance(self, stage: str) -> None:
         if STAGES.index(stage) < STAGES.index(self.stage):

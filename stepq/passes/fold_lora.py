@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from stepq.compiler.borrow import replace_tensor
 from stepq.compiler.graph_utils import fetch_attr, register_tensor
 from stepq.compiler.pass_manager import Contract, OpAbsent, Pass, PassResult
 from stepq.compiler.program import Program
@@ -46,7 +47,7 @@ class FoldLoRA(Pass):
                 with torch.no_grad():
                     merged = torch.ops.aten.add.Tensor(w, module())
                     if len(w_node.users) == 1:
-                        w.copy_(merged)
+                        replace_tensor(gm, str(w_node.target), merged)  # never into the (maybe borrowed) W
                         add.replace_all_uses_with(w_node)
                     else:  # the weight is read elsewhere too: the merged one gets its own buffer
                         name = register_tensor(gm, f"{w_node.target}_merged", merged)

@@ -26,6 +26,7 @@ import torch
 import torch.fx
 
 from stepq.compiler import meta
+from stepq.compiler.borrow import replace_tensor
 from stepq.compiler.graph_utils import delete_attr, fetch_attr, register_tensor
 from stepq.compiler.pass_manager import Contract, NoneLeft, Pass, PassResult
 from stepq.compiler.program import Program
@@ -131,7 +132,7 @@ class FoldUserLoRA(Pass):
             with torch.no_grad():
                 merged = (w.double() + br.scale * delta).to(w.dtype)
                 if len(w_node.users) == 1:
-                    w.copy_(merged)
+                    replace_tensor(gm, str(w_node.target), merged)  # W is the user's (borrowed): never written
                 else:  # the weight is shared: the merged one is a new tensor
                     name = register_tensor(gm, f"{w_node.target}_lora_merged", merged)
                     with graph.inserting_before(br.base):

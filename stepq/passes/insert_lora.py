@@ -28,6 +28,7 @@ import torch
 import torch.fx
 
 from stepq.compiler import analysis, meta, ops
+from stepq.compiler.borrow import replace_tensor
 from stepq.compiler.graph_utils import fetch_attr
 from stepq.compiler.pass_manager import Contract, NoneLeft, OpAbsent, Pass, PassResult, RecipeHas
 from stepq.compiler.program import Program
@@ -122,7 +123,8 @@ class InsertLoRA(Pass):
             w = fetch_attr(gm, w_node.target)
             s, z = fetch_attr(gm, fq.args[1].target), fetch_attr(gm, fq.args[2].target)  # type: ignore[union-attr]
             with torch.no_grad():
-                w.copy_(ops.fake_quant(w, s, z, *fq.args[3:]))  # type: ignore[arg-type]  # deq(W₀) is on the grid
+                # deq(W₀) is on the grid; a new tensor, since W is the user's (borrowed, never written)
+                replace_tensor(gm, str(w_node.target), ops.fake_quant(w, s, z, *fq.args[3:]))  # type: ignore[arg-type]
             key = f"{ADAPTERS}.{str(w_node.target).replace('.', '_')}"
             gm.add_submodule(key, self.make_adapter(w.shape, cfg.rank, gen))
             with graph.inserting_before(fq):

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from stepq.calibration.samplers import model_output
 from stepq.compiler import meta, ops
+from stepq.compiler.borrow import own_all
 from stepq.compiler.distributed import (
     any_rank,
     average_gradients,
@@ -84,8 +85,11 @@ def make_trainable(prog: Program, *, batch_size: int
     """Turn step-size buffers into parameters with LSQ gradient scaling.
 
     Returns (float parameters, step-size parameters, scale-source parameters), all set to require grad.
+    The float parameters are the program's own first (the optimizer writes them in place; borrowed
+    ones are the user's model's: ``stepq.compiler.borrow``).
     """
     gm = prog.gm
+    own_all(prog.borrowed, gm)
     scales: list[torch.nn.Parameter] = []
     seen: set[str] = set()
     for n in gm.graph.nodes:

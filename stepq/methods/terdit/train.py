@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from stepq.calibration.samplers import model_output
 from stepq.compiler import ops
+from stepq.compiler.borrow import own_all
 from stepq.compiler.distributed import average_gradients, broadcast_parameters, mean_over_ranks
 from stepq.compiler.errors import PreconditionError, RecipeError
 from stepq.compiler.graph_utils import as_parameter
@@ -81,6 +82,7 @@ def train_ternary(
     if prog.stage != "calibrated":
         raise PreconditionError(f"train_ternary needs a calibrated program, got stage {prog.stage!r}")
     gm = prog.gm
+    own_all(prog.borrowed, gm)  # the optimizer writes the floats in place: never the user's (borrowed) tensors
     alphas = ternary_scales(prog)
     special = {id(p) for p in alphas}
     floats = [p for p in gm.parameters() if id(p) not in special and p.dtype.is_floating_point]
