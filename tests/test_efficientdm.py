@@ -311,3 +311,46 @@ def test_a_qalora_artefact_saves_and_loads_bit_exact(tmp_path):
     x = denoiser_inputs(2, (30, 700), seed=4)
     assert torch.equal(loaded(**x), qm(**x))
     assert loaded.recipe.qalora == qm.recipe.qalora
+
+
+def _shuffled_run(guidance: float):
+    cfg = RandomDenoiserConfig(kind="dit", depth=1, num_classes=3)
+    m = build_random_denoiser(cfg)
+
+    def conditions(n, g):
+        return {"class_labels": torch.randint(0, 3, (n,), generator=g)}
+
+    def uncond(c):
+        return {"class_labels": torch.zeros_like(c["class_labels"])}  # class 0 plays the unconditional one
+
+    cal = collect(m, DDIMScheduler(num_train_timesteps=1000), num_samples=2, num_inference_steps=3,
+                  sample_shape=(4, 8, 8), conditions=conditions, progress=False)
+    teacher = copy.deepcopy(m.state_dict())
+    prog = stepq.calibrate(stepq.prepare(stepq.capture(m, cal[0]), _recipe(
+        4, 4, order="shuffled", buffer_trajectories=2, steps=5)), cal, progress=False)
+    sampling = Sampling(DDIMScheduler(num_train_timesteps=1000), 3, (4, 8, 8), conditions=conditions,
+                        uncond=uncond if guidance != 1.0 else None, guidance_scale=guidance, eta=0.0)
+    stepq.train(prog, fp_model=m, sampling=sampling, progress=False)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, teacher[k]), k
+    return prog
+
+
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+def test_shuffled_distillation_trains_on_minibatches_across_timesteps(guidance):
+    prog = _shuffled_run(guidance)
+    curve = prog.state.distill_curve
+    # 2 trajectories of 2 samples × 3 steps = 12 pairs → 6 minibatches of 2 per fill; the budget stops at 5
+    assert len(curve) == 5 and all(c > 0 for c in curve)
+    src = prog.gm.get_submodule("activation_scale_source")
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(3)
+    visited = set(torch.nonzero(src.visited).flatten().tolist())
+    assert visited and visited <= set(sched.timesteps.tolist())  # only the sampler's timesteps, per sample
+    assert any(float(prog.gm.get_submodule(n.target).B.abs().sum()) > 0 for n in adapter_nodes(prog.gm))
+    assert _shuffled_run(guidance).state.distill_curve == curve  # seeded
+
+
+def test_qalora_order_is_validated():
+    with pytest.raises(RecipeError, match="order must be 'trajectory' or 'shuffled'"):
+        _recipe(order="random")
