@@ -116,6 +116,25 @@ def test_ptqd_statistics_equal_one_process(fast, one_thread):
     assert int(got["ptqd.visited"].sum()) == 32
 
 
+LR = 1e-3  # the QAT case's lr and scale_lr
+
+
+def _check_adam_first_step(got, ref):
+    """Adam's first step moves each element by lr·g/(|g| + ε) (ε = 1e-8): ±lr wherever |g| ≫ ε, so
+    parameters agree within 1% of the lr where the one-process gradient is ≥ 1e-6; where it is
+    smaller the step amplifies the gradients' 1e-4 relative difference (measured on the AMD machine:
+    one element of 18,432 in down.0.conv1.weight, |g| = 5e-9, moved 1.8e-5 apart), and only the bound
+    of the step itself holds: within lr."""
+    for k in ref:
+        if not k.startswith("param."):
+            continue
+        diff = (got[k] - ref[k]).abs()
+        g = ref.get(f"grad.{k[6:]}")
+        sharp = g.abs() >= 1e-6 if g is not None else torch.ones_like(diff, dtype=torch.bool)
+        assert (diff[sharp] <= 1e-5).all(), k
+        assert diff.max() <= LR, k
+
+
 def test_one_training_step_on_2_ranks_is_the_step_on_the_concatenated_batch(fast, one_thread):
     got, ref = _ranks(fast, "qat_step"), _reference("qat_step")
     assert got.keys() == ref.keys()
@@ -124,10 +143,7 @@ def test_one_training_step_on_2_ranks_is_the_step_on_the_concatenated_batch(fast
     for k in grads:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-7, msg=k)
     torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-6, atol=0)
-    # Adam's first step is lr·g/(|g| + ε), ±lr wherever |g| ≫ ε: parameters equal within 1% of the lr
-    for k in ref:
-        if k.startswith("param."):
-            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-5, msg=k)
+    _check_adam_first_step(got, ref)
     # and not the step on one rank's half of the batch (what a rank would take without the all-reduce)
     half = CASES["qat_step"](0, 2)
     assert any(not torch.allclose(got[k], half[k], rtol=1e-3) for k in grads)
