@@ -195,7 +195,8 @@ class Program:
     ``output_class``: ``module:qualname`` of the output dataclass it returns with ``return_dict=True``;
     ``recipe``: the ``Recipe`` once prepared; ``stage``: ``captured`` → ``prepared`` →
     ``calibrated`` → ``converted``; ``history``: the passes run so far; ``state``: method state
-    that is not in the graph (observer statistics, timestep tables, PTQD statistics).
+    that is not in the graph (observer statistics, timestep tables, PTQD statistics);
+    ``borrowed``: the tensors shared read-only with the user's model (``stepq.compiler.borrow``).
     """
 
     gm: torch.fx.GraphModule
