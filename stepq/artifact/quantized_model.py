@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils import _pytree as pytree
 
+from stepq.artifact.dequantized import cached_graph
 from stepq.artifact.report import LayerReport, format_report
 from stepq.artifact.store import load_program, save_program
 from stepq.compiler import meta
@@ -105,6 +106,7 @@ class QuantizedModel(torch.nn.Module):
         self.gm = program.gm
         self._output_class = output_class(program.output_class)
         self._config: Any = None
+        object.__setattr__(self, "_cached", None)  # cache_dequantized's graph: not a submodule (not saved, not moved)
         self.eval()
 
     # -- what diffusers reads -----------------------------------------------------------------
@@ -146,8 +148,11 @@ class QuantizedModel(torch.nn.Module):
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
         self._check_dtype(dtype, ".to")
         if device is not None:
+            cached = self._cached is not None
+            self.cache_dequantized(False)  # rebuilt from the moved tensors below
             super().to(device, non_blocking=non_blocking)
             _retarget(self.gm, torch.device(device))
+            self.cache_dequantized(cached)
         return self
 
     def cuda(self, device: Any = None) -> QuantizedModel:  # type: ignore[override]
@@ -189,8 +194,36 @@ class QuantizedModel(torch.nn.Module):
         the graph was captured with: the captured value goes to the graph, the output is then made
         into the model's output class (True) or a tuple (False)."""
         return_dict = self._pop_return_dict(kwargs)
-        out = self.gm(**self.program.bind(args, kwargs))
+        gm = self._cached if self._cached is not None else self.gm
+        out = gm(**self.program.bind(args, kwargs))
         return out if return_dict is None else self._format_output(out, return_dict)
+
+    def cache_dequantized(self, enabled: bool = True) -> QuantizedModel:
+        """Keep every quantized weight dequantized in memory (``enabled``), or stop (``False``).
+
+        The forward then reads each weight as a float tensor computed once, instead of dequantizing
+        (and unpacking) it on every call: bit for bit the same outputs, at the cost of one float32
+        copy of the quantized weights (the FP model's weight bytes) beside the integer ones, which stay
+        what ``save``, ``export`` and ``weight_bytes`` read. The measured latency: docs/SPEED.md, "The
+        PyTorch path". ``load(..., cache_dequantized=True)`` loads with it on. Returns ``self``."""
+        if not enabled:
+            object.__setattr__(self, "_cached", None)
+        elif self._cached is None:
+            cached, n = cached_graph(self.gm)
+            object.__setattr__(self, "_cached", cached.train(self.training))
+            log.debug("%s: %d weights kept dequantized", self.program.model_name, n)
+        return self
+
+    def train(self, mode: bool = True) -> QuantizedModel:
+        super().train(mode)
+        if self._cached is not None:
+            self._cached.train(mode)
+        return self
+
+    @property
+    def dequantized_cached(self) -> bool:
+        """Whether ``cache_dequantized`` is on."""
+        return self._cached is not None
 
     def _pop_return_dict(self, kwargs: dict[str, Any]) -> bool | None:
         sig = self.program.signature
@@ -277,7 +310,7 @@ class QuantizedModel(torch.nn.Module):
 
 
 def load(path: str | os.PathLike[str], *, device: str | torch.device | None = None,
-         map_location: str | torch.device | None = None) -> QuantizedModel:
+         map_location: str | torch.device | None = None, cache_dequantized: bool = False) -> QuantizedModel:
     """Load a QuantizedModel saved with ``QuantizedModel.save`` (safetensors + JSON, checked).
 
     Args:
@@ -285,6 +318,8 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device | None = No
         device: where it runs (default CPU): its tensors are read onto that device and the graph's
             ``device=`` arguments point at it.
         map_location: the same, under ``torch.load``'s name (give one of the two).
+        cache_dequantized: keep the weights dequantized in memory (``QuantizedModel.cache_dequantized``):
+            the same outputs, a faster PyTorch forward, the FP weights' bytes more memory.
     """
     if device is not None and map_location is not None and torch.device(device) != torch.device(map_location):
         raise TypeError(f"load: device={device!r} and map_location={map_location!r} disagree; give one")
@@ -294,4 +329,4 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device | None = No
     qm = QuantizedModel(load_program(path, device=where))
     if where is not None:
         _retarget(qm.gm, torch.device(where))
-    return qm
+    return qm.cache_dequantized(cache_dequantized)

@@ -20,7 +20,6 @@ observer with the program's module, which is not modified; the folded weights st
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -33,7 +32,7 @@ from stepq.calibration.observers import observer_nodes
 from stepq.compiler import ops
 from stepq.compiler.distributed import all_reduce, is_distributed, raise_on_any_rank, world_size
 from stepq.compiler.errors import CalibrationError
-from stepq.compiler.graph_utils import fetch_attr, register_tensor
+from stepq.compiler.graph_utils import fold_constant_calls
 from stepq.compiler.pass_manager import CompileInputs, Contract, PassResult, StageIs, Step
 from stepq.compiler.program import Program
 
@@ -59,29 +58,7 @@ def fold_weight_quantizers(gm: torch.fx.GraphModule, budget: int = FOLD_BUDGET_B
     ``get_attr`` nodes replaced by its value, computed once (up to ``budget`` bytes of them), and
     the number folded. ``gm`` is not modified: the copy shares its parameters, buffers and
     submodules (the observers, which therefore record into ``gm``'s own)."""
-    graph = copy.deepcopy(gm.graph)
-    folded = torch.fx.GraphModule(gm, graph)
-    count, used = 0, 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _WEIGHT_QUANTIZERS:
-            continue
-        operands = [a for a in node.args if isinstance(a, torch.fx.Node)]
-        if not operands or any(a.op != "get_attr" for a in operands):
-            continue
-        args = [fetch_attr(folded, a.target) if isinstance(a, torch.fx.Node) else a for a in node.args]
-        value = node.target(*args, **node.kwargs)
-        if used + value.numel() * value.element_size() > budget:
-            break
-        used += value.numel() * value.element_size()
-        name = register_tensor(folded, f"_observe_folded_{count}", value)
-        with graph.inserting_before(node):
-            const = graph.get_attr(name)
-        const.meta = dict(node.meta)
-        node.replace_all_uses_with(const)
-        graph.erase_node(node)
-        count += 1
-    folded.recompile()
-    return folded, count
+    return fold_constant_calls(gm, _WEIGHT_QUANTIZERS, prefix="_observe_folded", budget=budget)
 
 
 class Observe(Step):
