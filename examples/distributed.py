@@ -8,7 +8,8 @@ downloaded; load your checkpoint instead), records its share of the FP trajector
 (``stepq.calibration.collect`` deals the trajectory batches to the ranks), calibrates on it
 (``stepq.calibrate`` reduces every observer over the ranks, so all ranks hold the statistics of
 all the trajectories), and, for a training recipe, trains with its gradients averaged over the
-ranks at every step; rank 0 saves the compiled model. NCCL when CUDA is available, gloo otherwise.
+ranks at every step (``--distributed fsdp``: with the program's parameters sharded by FSDP2 while
+it trains); rank 0 saves the compiled model. NCCL when CUDA is available, gloo otherwise.
 
 It prints (rank 0) and writes ``<out>/run.json``: the phases' wall times, the CPU seconds summed
 over the ranks, the world size and a checksum of every rank's compiled model (they must agree).
@@ -73,6 +74,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps per trajectory")
     ap.add_argument("--batch-size", type=int, default=None, help="trajectories per batch (default: samples / ranks)")
     ap.add_argument("--finetune-steps", type=int, default=20, help="QALoRA distillation steps (-qalora recipes)")
+    ap.add_argument("--distributed", choices=("ddp", "fsdp"), default="ddp",
+                    help="training: replicated parameters with averaged gradients, or FSDP2-sharded ones")
     ap.add_argument("--out", default="out/distributed")
     args = ap.parse_args()
 
@@ -85,7 +88,7 @@ def main() -> None:
     times: dict[str, float] = {}
 
     model = make_model(args.size)
-    recipe = get_preset(args.recipe)
+    recipe = get_preset(args.recipe).replace(distributed=args.distributed)
     if recipe.qalora is not None:
         recipe = recipe.replace(qalora=recipe.qalora.replace(steps=args.finetune_steps, batch_size=max(1, 8 // world)))
 
@@ -116,7 +119,8 @@ def main() -> None:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         qm.save(str(out / "model"))
-        run = {"size": args.size, "recipe": recipe.name, "world_size": world, "samples": args.samples,
+        run = {"size": args.size, "recipe": recipe.name, "distributed": recipe.distributed, "world_size": world,
+               "samples": args.samples,
                "steps": args.steps, "calls_on_rank0": len(data), **{k: round(v, 3) for k, v in times.items()},
                "cpu_s_all_ranks": round(float(cpu), 3), "checksums": [float(s) for s in sums],
                "stepq": str(Path(stepq.__file__).resolve().parent)}

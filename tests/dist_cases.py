@@ -11,9 +11,11 @@ import itertools
 import json
 import os
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import stepq
 from stepq.calibration.distributed import reduce_observers, reseed_observers
 from stepq.calibration.observers import ActivationObserver
+from stepq.compiler.distributed import all_reduce, full_weight, is_dtensor, rank_seed
 from stepq.recipe.presets import weight_spec
 from stepq.recipe.specs import (
     LayerRule,
@@ -173,10 +176,44 @@ def qat_batch() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     return x, torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(12))
 
 
-def case_qat_step(rank: int, world: int) -> dict[str, torch.Tensor]:
-    """One LSQ QAT step on this rank's rows of one batch of 8; the gradients the optimizer stepped with."""
+@contextmanager
+def _watch_optimizer(out: dict[str, torch.Tensor], prefix: str = ""):
+    """Record what the first optimizer step stepped on (keys ``<prefix>opt.*``): ``sharded``
+    parameters (DTensors), their ``sharded_numel`` elements in all, the ``replicated_numel`` of
+    the others, and the most elements any one rank holds (``local_max``: the optimizer states are
+    that size)."""
+    key = f"{prefix}opt."
+
+    def hook(opt, args, kwargs):
+        if f"{key}sharded" in out:
+            return
+        ps = [p for g in opt.param_groups for p in g["params"]]
+        sharded = [p for p in ps if is_dtensor(p)]
+        out[f"{key}sharded"] = torch.tensor(len(sharded))
+        out[f"{key}sharded_numel"] = torch.tensor(sum(p.numel() for p in sharded))
+        out[f"{key}replicated_numel"] = torch.tensor(sum(p.numel() for p in ps if not is_dtensor(p)))
+        local = sum((p.to_local() if is_dtensor(p) else p).numel() for p in ps)
+        out[f"{key}local_max"] = all_reduce(torch.tensor(local), dist.ReduceOp.MAX)
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _layout(gm: torch.nn.Module) -> dict[str, tuple]:
+    """Every module's class, attribute names and hooks: what ``fully_shard`` changes."""
+    return {name: (type(m), sorted(vars(m)), {k: sorted(v) for k, v in vars(m).items()
+                                              if "hooks" in k and isinstance(v, dict)})
+            for name, m in gm.named_modules()}
+
+
+def _qat_step(rank: int, world: int, distributed: str
+              ) -> tuple[stepq.Program, dict[str, torch.Tensor], dict[str, tuple]]:
+    """One LSQ QAT step; the program, the tensors of ``case_qat_step``, the layout before training."""
     r = recipe(MinMaxObserver(), a_bits=8, qat=QATConfig(steps=1, lr=1e-3, scale_lr=1e-3, batch_size=8))
-    prog = _calibrated(r, 0, 1)  # every rank calibrates on all the data: training is what is compared
+    prog = _calibrated(r.replace(distributed=distributed), 0, 1)  # every rank calibrates on all the data
     inputs, target = qat_batch()
     k = 8 // world
     rows = slice(rank * k, (rank + 1) * k)
@@ -187,16 +224,142 @@ def case_qat_step(rank: int, world: int) -> dict[str, torch.Tensor]:
         names = {id(p): n for n, p in prog.gm.named_parameters()}  # step sizes became parameters by now
         for group in opt.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    grads[f"grad.{names.get(id(p), '?')}"] = p.grad.detach().clone()
+                if p.grad is not None:  # a sharded gradient (FSDP2) is gathered: a collective, every rank here
+                    grads[f"grad.{names.get(id(p), '?')}"] = full_weight(p.grad.detach()).clone()
 
+    layout = _layout(prog.gm)
+    watched: dict[str, torch.Tensor] = {}
     handle = register_optimizer_step_pre_hook(hook)
     try:
-        stepq.train(prog, itertools.repeat(mine), progress=False)
+        with _watch_optimizer(watched):
+            stepq.train(prog, itertools.repeat(mine), progress=False)
     finally:
         handle.remove()
     after = {f"param.{n}": p.detach().clone() for n, p in prog.gm.named_parameters()}
-    return {**grads, **after, "loss": torch.tensor(prog.state.qat_curve)}
+    if distributed == "ddp":  # case_qat_step's tensors as they were
+        watched = {}
+    return prog, {**grads, **after, **watched, "loss": torch.tensor(prog.state.qat_curve)}, layout
+
+
+def case_qat_step(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """One LSQ QAT step on this rank's rows of one batch of 8; the gradients the optimizer stepped with."""
+    return _qat_step(rank, world, "ddp")[1]
+
+
+def case_qat_step_fsdp(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """``case_qat_step`` with ``Recipe.distributed = "fsdp"``; then what is left of FSDP in the program
+    (``trace.*``: counts that must be 0), and the converted model's output before and after save → load
+(the ONNX export reads the same converted program; it is left out here for its 6 s per rank)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    prog, out, before = _qat_step(rank, world, "fsdp")
+    gm = prog.gm
+    tensors = [*gm.parameters(), *gm.buffers(), *gm.state_dict().values()]
+    after = _layout(gm)
+    out["trace.dtensors"] = torch.tensor(sum(isinstance(t, DTensor) for t in tensors))
+    out["trace.fsdp_modules"] = torch.tensor(sum(isinstance(m, FSDPModule) for m in gm.modules()))
+    out["trace.changed_modules"] = torch.tensor(sum(after.get(k) != v for k, v in before.items()) + len(after.keys() - before))
+    out["trace.requires_grad"] = torch.tensor(sum(p.requires_grad for p in gm.parameters()))
+    qm = stepq.convert(prog, report=False)
+    x = denoiser_inputs(2, (30, 700), seed=4)
+    out["converted"] = qm(**x)
+    with tempfile.TemporaryDirectory() as d:
+        qm.save(str(Path(d) / "m"))
+        out["reloaded"] = stepq.load(str(Path(d) / "m"))(**x)
+    return out
+
+
+#: the two ways a training loop runs under a process group; the pair cases run both on copies of one program
+MODES = ("ddp", "fsdp")
+
+
+def case_tdq_fit(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """TDQ fits on copies of one calibrated program (min-max calibration on this rank's share: the
+    same scales on any number of ranks), once per mode (``<mode>.*``): 3 steps on the network output,
+    then 2 on the layer-wise objective (the scale source called by an fx Interpreter, not by the
+    graph's forward); the scale source after each."""
+    from stepq.methods.tdq.fit import fit_scale_source
+
+    prog = _calibrated(recipe(MinMaxObserver(), tdq=TDQConfig(fit_steps=0)), rank, world)
+    items = share(calib_set(FULL), rank, world)
+    out: dict[str, torch.Tensor] = {}
+    for mode in MODES:
+        p = prog.copy()
+        src = p.gm.get_submodule("activation_scale_source")
+        got: dict[str, torch.Tensor] = {}
+        for objective, steps in (("output", 3), ("layer", 2)):
+            with _watch_optimizer(got, prefix=f"{objective}."):
+                curve = fit_scale_source(p, items, steps=steps, lr=5e-3, batch=2, rows=2, objective=objective,
+                                         distributed=mode, progress=False)
+            got.update({f"{objective}.source.{k}": v.detach().clone() for k, v in src.state_dict().items()})
+            got[f"{objective}.curve"] = torch.tensor(curve, dtype=torch.float64)
+        out.update({f"{mode}.{k}": v for k, v in got.items()})
+    return out
+
+
+def case_qalora(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """3 QALoRA distillation steps (TALSQ tables, weight steps, adapters) along this rank's
+    trajectories, on copies of one calibrated program, once per mode (``<mode>.*``). ``borrowed_kept``:
+    the parameters borrowed from the teacher that are the same objects after training (FSDP leaves
+    them unsharded)."""
+    from diffusers import DDIMScheduler
+
+    from stepq.calibration import Sampling
+    from stepq.recipe.presets import qalora_recipe
+    from stepq.testing.random_models import RandomDenoiserConfig as Cfg
+
+    cfg = Cfg(kind="dit", depth=1)
+    m = build_random_denoiser(cfg)
+    data = calib_set(3)
+    prog = stepq.calibrate(stepq.prepare(stepq.capture(m, data[0]), qalora_recipe(4, 8, talsq=True, steps=3,
+                                                                                  batch_size=2)), data, progress=False)
+    teacher = {k: v.clone() for k, v in m.state_dict().items()}
+    sampling = Sampling(DDIMScheduler(num_train_timesteps=1000), 3, (cfg.channels, cfg.size, cfg.size), eta=0.0)
+    out: dict[str, torch.Tensor] = {}
+    for mode in MODES:
+        p = prog.copy()
+        p.recipe = p.recipe.replace(distributed=mode)
+        storages = p.borrowed.storages()
+        borrowed = {n: t for n, t in p.gm.named_parameters() if p.borrowed.is_borrowed(t, storages)}
+        got: dict[str, torch.Tensor] = {}
+        with _watch_optimizer(got):
+            stepq.train(p, fp_model=m, sampling=sampling, progress=False)
+        got.update({f"state.{k}": v.detach().clone() for k, v in p.gm.state_dict().items()})
+        got["curve"] = torch.tensor(p.state.distill_curve, dtype=torch.float64)
+        got["teacher_changed"] = torch.tensor(sum(not torch.equal(v, teacher[k]) for k, v in m.state_dict().items()))
+        got["borrowed"] = torch.tensor(len(borrowed))
+        got["borrowed_kept"] = torch.tensor(sum(p.gm.get_parameter(n) is t for n, t in borrowed.items()))
+        out.update({f"{mode}.{k}": v for k, v in got.items()})
+    return out
+
+
+def case_ternary(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """2 steps of TerDiT's ternary QAT (the gradient clipped over shards and the replicated 0-dim α)
+    on a tiny DiT, each rank on its own batches, on copies of one program, once per mode."""
+    import dataclasses
+
+    r = stepq.get_preset("ternary-dit")
+    # a clip far below the gradient's norm (≈ 1 here): every step is clipped
+    r = r.replace(qat=dataclasses.replace(r.qat, steps=2, batch_size=4),
+                  terdit=dataclasses.replace(r.terdit, grad_clip=1e-2))
+    data = calib_set(1)
+    prog = stepq.calibrate(stepq.prepare(stepq.capture(build_random_denoiser(RandomDenoiserConfig(kind="dit",
+                                                                                               depth=1)), data[0]), r),
+                           data, progress=False)
+    out: dict[str, torch.Tensor] = {}
+    for mode in MODES:
+        p = prog.copy()
+        p.recipe = p.recipe.replace(distributed=mode)
+        x = denoiser_inputs(4, range(0, 400, 100), seed=rank_seed(11))
+        eps = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(rank_seed(12)))
+        got: dict[str, torch.Tensor] = {}
+        with _watch_optimizer(got):
+            stepq.train(p, itertools.repeat((x, eps)), progress=False)
+        got.update({f"state.{k}": v.detach().clone() for k, v in p.gm.state_dict().items()})
+        got["curve"] = torch.tensor(p.state.qat_curve, dtype=torch.float64)
+        out.update({f"{mode}.{k}": v for k, v in got.items()})
+    return out
 
 
 def case_collect(rank: int, world: int) -> dict[str, torch.Tensor]:

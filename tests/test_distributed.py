@@ -24,17 +24,21 @@ reservoir's K = 65536; the others keep every value and match exactly):
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
 import pytest
 import torch
-from dist_cases import CASES, errors, load, run_ranks
+from dist_cases import CASES, errors, load, model, run_ranks
+from helpers import calib_set
 
 WORLD = 2
 RESERVOIR = 1 << 16
 FAST = ["minmax", "minmax_uneven", "reservoir", "ptqd", "qat_step", "collect", "dtensor", "nan"]  # the error case last
 SLOW = ["percentile", "mse", "ptqd_mixed", "tdq"]
+#: FSDP2 training (Recipe.distributed = "fsdp"), each loop beside its "ddp" run on the same 2 ranks
+FSDP = ["qat_step_fsdp", "tdq_fit", "qalora", "ternary"]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +68,11 @@ def slow(tmp_path_factory):
     return _spawn(tmp_path_factory, SLOW)
 
 
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    return _spawn(tmp_path_factory, FSDP)
+
+
 def _ranks(out, name):
     """Rank 0's result, after checking that every rank holds the same, bit for bit."""
     a, b = load(out, name, 0), load(out, name, 1)
@@ -75,7 +84,14 @@ def _ranks(out, name):
 
 
 def _reference(name, **kw):
-    return CASES[name](0, 1, **kw)
+    return _here(name, 0, 1, tuple(sorted(kw.items())))
+
+
+@functools.cache
+def _here(name, rank, world, kw):
+    """A case run in this process, without a process group, once per session (the tests only read
+    the result): ``world=1`` is the one-process reference, ``rank, world`` one rank's share alone."""
+    return CASES[name](rank, world, **dict(kw))
 
 
 def test_minmax_scales_are_bit_identical_to_one_process(fast, one_thread):
@@ -145,7 +161,7 @@ def test_one_training_step_on_2_ranks_is_the_step_on_the_concatenated_batch(fast
     torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-6, atol=0)
     _check_adam_first_step(got, ref)
     # and not the step on one rank's half of the batch (what a rank would take without the all-reduce)
-    half = CASES["qat_step"](0, 2)
+    half = _here("qat_step", 0, 2, ())
     assert any(not torch.allclose(got[k], half[k], rtol=1e-3) for k in grads)
 
 
@@ -274,6 +290,122 @@ def test_the_documented_torchrun_command_runs_on_2_gloo_processes(tmp_path):
          "class_labels": torch.tensor([1, 2]), "return_dict": False}
     y = qm(**x)
     assert torch.isfinite(y[0]).all() and y[0].shape == (2, 8, 16, 16)
+
+
+def _sharded(got, prefix="", world=WORLD):
+    """The optimizer stepped on FSDP2 shards: some parameters are DTensors, and no rank holds more
+    than its 1/world of them (plus the row split's rounding: ≤ 0.6 at 2 ranks) beside the replicated ones."""
+    opt = {k[len(prefix) + 4:]: int(v) for k, v in got.items() if k.startswith(f"{prefix}opt.")}
+    assert opt["sharded"] > 0, prefix
+    local = opt["local_max"] - opt["replicated_numel"]
+    assert local <= 0.6 * opt["sharded_numel"] * 2 / world, (prefix, local, opt["sharded_numel"])
+    return opt
+
+
+def test_an_fsdp_qat_step_on_2_ranks_is_the_step_on_the_concatenated_batch(fsdp, one_thread):
+    """As the DDP step (the same tolerances): FSDP2 all-gathers the weights for the forward and
+    reduce-scatters the mean gradient; the 0-dim step sizes stay replicated and are averaged."""
+    got, ref = _ranks(fsdp, "qat_step_fsdp"), _reference("qat_step")
+    _sharded(got)
+    assert int(got["opt.replicated_numel"]) > 0  # the per-tensor (0-dim) activation steps
+    grads = [k for k in ref if k.startswith("grad.")]
+    assert any("weight_scale" in k for k in grads) and any("input_scale" in k for k in grads)
+    for k in grads:  # the LSQ gradient scale applied to the sharded step sizes too
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-7, msg=k)
+    torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-6, atol=0)
+    _check_adam_first_step(got, ref)
+    half = _here("qat_step", 0, 2, ())  # one rank's half of the batch: what a missing reduction would give
+    assert any(not torch.allclose(got[k], half[k], rtol=1e-3) for k in grads)
+
+
+def test_after_fsdp_training_the_program_is_a_plain_program_that_converts(fsdp, one_thread):
+    got, ref = _ranks(fsdp, "qat_step_fsdp"), _reference("qat_step_fsdp")
+    for k in ("trace.dtensors", "trace.fsdp_modules", "trace.changed_modules", "trace.requires_grad"):
+        assert int(got[k]) == 0, k  # no DTensor, no FSDP class, classes / attributes / hooks as before
+    param_keys = {k for k in got if k.startswith("param.")}
+    assert param_keys == {k for k in ref if k.startswith("param.")}  # every parameter back under its name
+    assert torch.equal(got["converted"], got["reloaded"])  # save → load is exact
+    # a weight one Adam step moved by ≤ lr can cross a rounding boundary of its integer grid; measured 1.1e-3
+    err = float((got["converted"] - ref["converted"]).norm() / ref["converted"].norm())
+    assert err < 1e-2, err
+
+
+def test_without_a_process_group_fsdp_runs_as_one_process(one_thread):
+    got, ref = _reference("qat_step_fsdp"), _reference("qat_step")
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    assert int(got["opt.sharded"]) == 0
+
+
+def _modes(out, name):
+    """A pair case's "fsdp" and "ddp" runs (on copies of one program on the same 2 ranks), after
+    checking that they are bit-identical but for what the optimizer stepped on (``opt.*``).
+
+    Bit-identical: with 2 ranks, FSDP2's reduce-scatter and the all-reduce add the same two
+    gradients and divide by 2 (exact), the forward reads the all-gathered copy of the very same
+    values, and Adam is elementwise (measured: equal)."""
+    both = _ranks(out, name)
+    fsdp = {k[5:]: v for k, v in both.items() if k.startswith("fsdp.")}
+    ddp = {k[4:]: v for k, v in both.items() if k.startswith("ddp.")}
+    keys = [k for k in ddp if ".opt." not in f".{k}"]
+    assert keys == [k for k in fsdp if ".opt." not in f".{k}"]
+    for k in keys:
+        assert torch.equal(fsdp[k], ddp[k]), k
+    return fsdp, ddp
+
+
+def test_an_fsdp_tdq_fit_equals_the_ddp_fit(fsdp):
+    got, ddp = _modes(fsdp, "tdq_fit")  # the network-output objective (graph forward), then the layer-wise one
+    for objective in ("output.", "layer."):
+        _sharded(got, objective)  # the scale source (its generators' stacked weights) sharded
+        assert int(ddp[f"{objective}opt.sharded"]) == 0
+    assert len(got["output.curve"]) == 3 and len(got["layer.curve"]) == 2
+    source = [k[len("layer."):] for k in got if k.startswith("layer.source.")]
+    assert source and any(not torch.equal(got[f"output.{k}"], got[f"layer.{k}"]) for k in source)  # both fits trained
+
+
+def test_an_fsdp_qalora_distillation_equals_the_ddp_one_and_keeps_the_teacher(fsdp):
+    got, ddp = _modes(fsdp, "qalora")
+    _sharded(got)  # adapters, TALSQ tables (clamped beside replicated bounds), weight steps
+    assert int(ddp["opt.sharded"]) == 0
+    assert int(got["teacher_changed"]) == 0
+    assert int(got["borrowed"]) > 0 and int(got["borrowed_kept"]) == int(got["borrowed"])  # never sharded
+
+
+def test_fsdp_ternary_qat_matches_ddp_with_clipping_over_shards(fsdp):
+    """TerDiT's loop clips the global gradient norm (here every step: clip 1e-2, norm ≈ 1), which
+    over shards is summed in another order: the runs agree within rounding. Measured ≤ 1.5e-8
+    absolute after 2 Adam steps of lr 2e-4; allowed 1% of the lr, for elements whose |g| is near
+    Adam's ε, where the clipping coefficient's last bits move the step (1.1e-6 on the diffusers tiny DiT)."""
+    both = _ranks(fsdp, "ternary")
+    got = {k[5:]: v for k, v in both.items() if k.startswith("fsdp.")}
+    ref = {k[4:]: v for k, v in both.items() if k.startswith("ddp.")}
+    opt = _sharded(got)
+    assert opt["replicated_numel"] > 0 and int(ref["opt.sharded"]) == 0  # the 0-dim α stay replicated
+    torch.testing.assert_close(got["curve"], ref["curve"], rtol=1e-6, atol=0)
+    for k in ref:
+        if k.startswith("state."):
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=2e-6, msg=k)
+
+
+def test_a_bad_distributed_setting_is_a_recipe_error():
+    import stepq
+    from stepq.compiler.fsdp import MODES
+    from stepq.methods.qat import train_qat
+    from stepq.recipe.specs import DISTRIBUTED_MODES, Recipe
+
+    assert MODES == DISTRIBUTED_MODES == ("ddp", "fsdp")
+    with pytest.raises(stepq.RecipeError, match=r"^Recipe.distributed must be one of 'ddp', 'fsdp', got 'zero3'$"):
+        Recipe(name="r", distributed="zero3")
+    with pytest.raises(stepq.RecipeError, match="got 'zero3'"):
+        Recipe.from_dict({"name": "r", "distributed": "zero3"})
+    r = Recipe(name="r", distributed="fsdp")
+    assert Recipe.from_dict(r.to_dict()) == r and "distributed" not in Recipe(name="r").to_dict()
+    prog = stepq.calibrate(stepq.prepare(stepq.capture(model(), calib_set(1)[0]), "w8a8"), calib_set(1),
+                           progress=False)
+    with pytest.raises(stepq.RecipeError, match=r"^distributed must be one of 'ddp', 'fsdp', got 'FSDP'$"):
+        train_qat(prog, iter(()), steps=1, distributed="FSDP")
+    assert not any(p.requires_grad for p in prog.gm.parameters())  # raised before anything was made trainable
 
 
 def test_without_a_process_group_every_collective_is_the_identity():

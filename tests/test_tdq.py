@@ -13,7 +13,7 @@ import stepq
 from stepq.compiler import meta, ops
 from stepq.compiler.api import resolve_recipe
 from stepq.compiler.pass_manager import run_passes
-from stepq.methods.qat import denoising_batches, make_trainable, train_qat
+from stepq.methods.qat import denoising_batches, make_trainable, scale_step_gradients, train_qat
 from stepq.methods.tdq.fit import _LayerwiseLoss, merge_batches
 from stepq.methods.tdq.sources import (
     ScaleGenerators,
@@ -167,16 +167,24 @@ def test_lsq_gradient_scaling_and_qat_loop():
         assert torch.isfinite(out).all()
 
 
-def test_lsq_hook_scales_step_size_gradients():
+def test_lsq_scales_step_size_gradients():
     m = build_random_denoiser(RandomDenoiserConfig(kind="dit", depth=1))
     data = calib_set(2)
     prog = stepq.calibrate(stepq.prepare(stepq.capture(m, data[0]), "w4a4"), data, progress=False)
-    floats, scales, source = make_trainable(prog, batch_size=4)
-    assert not source and scales and floats
+    floats, scales, source, grad_scales = make_trainable(prog, batch_size=4)
+    assert not source and scales and floats and len(grad_scales) == len(scales)
     p = prog.gm.get_parameter("blocks.0.fc1.weight_scale")  # per channel: 32 inputs per output channel
     p.grad = None
     (p * torch.ones_like(p)).sum().backward()
+    assert torch.equal(p.grad, torch.ones_like(p))  # no hook on the parameter: the loop scales after the backward
+    scale_step_gradients(scales, grad_scales)
     torch.testing.assert_close(p.grad, torch.full_like(p, 1.0 / math.sqrt(32 * 7)))
+    # a second make_trainable (training the program again) leaves no hook either: the loop scales once
+    again = make_trainable(prog, batch_size=4)
+    assert again.grad_scales == grad_scales and all(a is b for a, b in zip(again.scales, scales))
+    p.grad = None
+    (p * torch.ones_like(p)).sum().backward()
+    assert torch.equal(p.grad, torch.ones_like(p))
 
 
 class _SharedCall(nn.Module):

@@ -27,10 +27,12 @@ __all__ = [
     "all_reduce",
     "any_rank",
     "average_gradients",
+    "backend_device",
     "broadcast_parameters",
     "full_weight",
     "gather_rows",
     "is_distributed",
+    "is_dtensor",
     "mean_over_ranks",
     "or_bool_buffers",
     "raise_on_any_rank",
@@ -62,7 +64,8 @@ def rank_seed(seed: int) -> int:
     return int(seed) + rank() * _RANK_STRIDE
 
 
-def _device() -> torch.device:
+def backend_device() -> torch.device:
+    """The device collectives run on: the current CUDA device under NCCL, the CPU otherwise."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -72,7 +75,7 @@ def all_reduce(t: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Te
     """``t`` reduced over the ranks with ``op`` (a new tensor; ``t`` itself when not distributed)."""
     if not is_distributed():
         return t
-    buf = t.detach().to(_device(), copy=True).contiguous()
+    buf = t.detach().to(backend_device(), copy=True).contiguous()
     dist.all_reduce(buf, op=op)
     return buf.to(t.device)
 
@@ -107,7 +110,7 @@ def gather_rows(t: Tensor) -> list[Tensor]:
     if not is_distributed():
         return [t]
     n = all_gather_sizes(t.shape[0])
-    dev = _device()
+    dev = backend_device()
     pad = torch.zeros((max(n), *t.shape[1:]), dtype=t.dtype, device=dev)
     pad[: t.shape[0]] = t.to(dev)
     out = [torch.empty_like(pad) for _ in n]
@@ -116,8 +119,8 @@ def gather_rows(t: Tensor) -> list[Tensor]:
 
 
 def all_gather_sizes(n: int) -> list[int]:
-    sizes = [torch.zeros(1, dtype=torch.int64, device=_device()) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=_device()))
+    sizes = [torch.zeros(1, dtype=torch.int64, device=backend_device()) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=backend_device()))
     return [int(s.item()) for s in sizes]
 
 
@@ -145,7 +148,7 @@ def _collective(tensors: Sequence[Tensor], fn: Callable[[Tensor], None]) -> list
     """Run ``fn`` (an in-place collective) on flattened buckets of ``tensors``; the results, one per
     tensor, on the tensors' devices."""
     out: list[Tensor] = [torch.empty(0)] * len(tensors)
-    dev = _device()
+    dev = backend_device()
     for idx in _buckets(tensors):
         buf = torch.cat([tensors[i].detach().reshape(-1).to(dev) for i in idx])
         fn(buf)
@@ -164,10 +167,13 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
 
     With equal per-rank batches and a loss that is a mean over the batch, the result is the
     gradient of the loss on the concatenated batch: DDP's reduction, for a graph module whose
-    parameters (step sizes, scale generators, LoRA) DDP would not all see."""
+    parameters (step sizes, scale generators, LoRA) DDP would not all see.
+
+    A sharded (``DTensor``) parameter is skipped: FSDP2 reduce-scattered its gradient already
+    (``stepq.compiler.fsdp``); what is averaged here are the parameters it leaves replicated."""
     if not is_distributed():
         return
-    ps = [p for p in params if p.requires_grad]
+    ps = [p for p in params if p.requires_grad and not is_dtensor(p)]
     if not ps:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]
@@ -212,6 +218,13 @@ def or_bool_buffers(module: torch.nn.Module) -> int:
     for b in bufs:
         b.copy_(all_reduce(b.to(torch.uint8), dist.ReduceOp.MAX).bool())
     return len(bufs)
+
+
+def is_dtensor(t: object) -> bool:
+    """``t`` is a ``DTensor`` (a parameter FSDP2 sharded, ``stepq.compiler.fsdp``)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def full_weight(w: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal, Self
 from stepq.compiler.errors import RecipeError
 
 __all__ = [
+    "DISTRIBUTED_MODES",
     "OP_KINDS",
     "RECIPE_VERSION",
     "ROLE_NAMES",
@@ -52,6 +53,10 @@ OP_KINDS = frozenset({"linear", "conv2d", "attention"})
 #: "timestep_embedding" (the MLP on the sinusoidal timestep encoding), "conditioning" (every op
 #: whose input does not depend on the noisy sample: timestep/class/adaLN projections).
 ROLE_NAMES = frozenset({"input", "output", "timestep_embedding", "conditioning"})
+
+#: ``Recipe.distributed``: replicated parameters with averaged gradients, or FSDP2-sharded ones
+#: (``stepq.compiler.fsdp.MODES``: the same two)
+DISTRIBUTED_MODES = ("ddp", "fsdp")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -585,7 +590,11 @@ class Recipe:
     (``"error"``) or clamp with a warning (``"clamp"``). Method sections (None = not used):
     ``tdq`` (``TDQConfig``), ``qat`` (``QATConfig``), ``ptqd`` (``PTQDConfig``), ``qalora``
     (``QALoRAConfig``), ``terdit`` (``TerDiTConfig``); their docstrings say what each costs.
-    ``version`` is the recipe format's version (checked by ``from_dict``).
+    ``version`` is the recipe format's version (checked by ``from_dict``). ``distributed`` says how
+    the training loops (TDQ fit, QAT, QALoRA, ternary QAT) run under a process group: ``"ddp"``
+    (every rank holds every parameter, gradients all-reduced) or ``"fsdp"`` (FSDP2: the program's
+    parameters sharded over the ranks while a loop runs, gathered back after it; docs/DISTRIBUTED.md);
+    without a process group both run as one process does.
     """
 
     name: str
@@ -599,6 +608,7 @@ class Recipe:
     qalora: QALoRAConfig | None = None
     version: int = RECIPE_VERSION
     terdit: TerDiTConfig | None = None
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
@@ -621,6 +631,8 @@ class Recipe:
                f"Recipe.num_train_timesteps must be a positive integer, got {self.num_train_timesteps!r}")
         _check(self.timestep_policy in ("error", "clamp"),
                f"Recipe.timestep_policy must be 'error' or 'clamp', got {self.timestep_policy!r}")
+        _check(self.distributed in DISTRIBUTED_MODES,
+               f"Recipe.distributed must be one of {', '.join(map(repr, DISTRIBUTED_MODES))}, got {self.distributed!r}")
         _check(self.version == RECIPE_VERSION,
                f"Recipe.version {self.version} is not supported (this stepq reads version {RECIPE_VERSION})")
 
@@ -652,14 +664,15 @@ class Recipe:
             "qat": None if self.qat is None else self.qat.to_dict(),
             "ptqd": None if self.ptqd is None else self.ptqd.to_dict(),
         } | ({} if self.qalora is None else {"qalora": self.qalora.to_dict()}) \
-          | ({} if self.terdit is None else {"terdit": self.terdit.to_dict()})
+          | ({} if self.terdit is None else {"terdit": self.terdit.to_dict()}) \
+          | ({} if self.distributed == "ddp" else {"distributed": self.distributed})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
         if not isinstance(d, Mapping):
             raise RecipeError(f"a recipe must be a mapping, got {type(d).__name__}")
         _no_unknown(d, {"version", "name", "num_train_timesteps", "timestep_policy", "rules", "default", "tdq", "qat",
-                          "ptqd", "qalora", "terdit"},
+                          "ptqd", "qalora", "terdit", "distributed"},
                     "Recipe")
         version = d.get("version", RECIPE_VERSION)
         if version != RECIPE_VERSION:
@@ -676,4 +689,5 @@ class Recipe:
             qalora=QALoRAConfig.from_dict(d.get("qalora")),
             version=version,
             terdit=TerDiTConfig.from_dict(d.get("terdit")),
+            distributed=d.get("distributed", "ddp"),
         )

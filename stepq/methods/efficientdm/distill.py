@@ -40,6 +40,7 @@ from stepq.compiler.distributed import (
     rank_seed,
 )
 from stepq.compiler.errors import PreconditionError, RecipeError
+from stepq.compiler.fsdp import check_mode, fsdp_training
 from stepq.compiler.graph_utils import arg_node, as_parameter, fetch_attr
 from stepq.compiler.pass_manager import (
     CompileInputs,
@@ -109,12 +110,16 @@ def distill_qalora(
     sampling: Sampling,
     cfg: QALoRAConfig,
     *,
+    distributed: str = "ddp",
     progress: bool = True,
 ) -> list[float]:
     """Train ``prog``'s adapters (and TALSQ tables, weight steps) by distillation from ``teacher``;
-    returns the loss of every optimiser step."""
+    returns the loss of every optimiser step. ``distributed="fsdp"``: the program sharded by FSDP2
+    for the loop (the tensors it borrows from the user's model, the teacher's, stay whole:
+    ``stepq.compiler.fsdp``)."""
     if prog.stage != "calibrated":
         raise PreconditionError(f"distill_qalora needs a calibrated program, got stage {prog.stage!r}")
+    check_mode(distributed)
     gm = prog.gm
     if not adapter_nodes(gm):
         raise PreconditionError("distill_qalora: the program has no LoRA adapter (run insert_lora first)")
@@ -135,6 +140,20 @@ def distill_qalora(
         for p in g["params"]:
             p.requires_grad_(True)
     grid = _grid_of_rows(prog, talsq) if talsq is not None else None
+    broadcast_parameters([p for g in groups for p in g["params"]])
+    with fsdp_training(gm, distributed, borrowed=prog.borrowed) as sharding:
+        for g in groups:
+            g["params"] = sharding.params(g["params"])
+        curve = _distill(prog, teacher, sampling, cfg, groups, sharding.params(w_steps), talsq, grid, progress)
+    or_bool_buffers(gm)  # TALSQ's visited timesteps: the union over the ranks
+    return curve
+
+
+def _distill(prog: Program, teacher: Callable[..., Any], sampling: Sampling, cfg: QALoRAConfig,
+             groups: list[dict[str, Any]], w_steps: list[torch.nn.Parameter], talsq: TemporalSteps | None,
+             grid: tuple[Tensor, Tensor] | None, progress: bool) -> list[float]:
+    """The distillation loop on the (possibly sharded) parameter groups; returns the loss curve."""
+    gm = prog.gm
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     steps = cfg.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / max(1, steps)))
@@ -145,7 +164,6 @@ def distill_qalora(
     seed = rank_seed(cfg.seed)  # each rank distills along its own trajectories
     gen = torch.Generator().manual_seed(seed)
     trained = [p for g in groups for p in g["params"]]
-    broadcast_parameters(trained)
     curve: list[float] = []
     bar = tqdm(total=steps, desc="QALoRA distillation", disable=not progress, leave=False)
 
@@ -153,7 +171,7 @@ def distill_qalora(
         loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(trained)
+        average_gradients(trained)  # the replicated ones (all of them under "ddp")
         with torch.no_grad():
             opt.step()
             sched.step()
@@ -212,7 +230,6 @@ def distill_qalora(
         gm.eval()
         for p in gm.parameters():
             p.requires_grad_(False)
-    or_bool_buffers(gm)  # TALSQ's visited timesteps: the union over the ranks
     return curve
 
 
@@ -291,6 +308,7 @@ class DistillQALoRA(Step):
         if not isinstance(inputs.sampling, Sampling):
             raise RecipeError(f"recipe {prog.recipe.name!r} distills along FP trajectories: pass sampling=stepq.Sampling"
                               "(...) or calibration data from stepq.calibration.collect (which records its sampling)")
-        prog.state.distill_curve = distill_qalora(prog, inputs.fp_model, inputs.sampling, cfg, progress=inputs.progress)
+        prog.state.distill_curve = distill_qalora(prog, inputs.fp_model, inputs.sampling, cfg,
+                                                  distributed=prog.recipe.distributed, progress=inputs.progress)
         return PassResult(len(prog.state.distill_curve))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from stepq.compiler.fsdp import replicate_like
 from stepq.compiler.timesteps import interpolate_unvisited
 from stepq.recipe.specs import Recipe
 
@@ -61,10 +62,11 @@ class TemporalSteps(nn.Module):
 
     @torch.no_grad()
     def clamp_(self, quant_min: Tensor, quant_max: Tensor) -> None:
-        """Keep the steps positive and each row's zero points on its grid [quant_min, quant_max] ([L] each)."""
+        """Keep the steps positive and each row's zero points on its grid [quant_min, quant_max] ([L] each;
+        the table may be an FSDP2 shard of its rows: the bounds are then replicated beside it)."""
         self.delta.clamp_(min=MIN_STEP)
         z = self.zero_point_source.z
-        z.copy_(torch.maximum(torch.minimum(z, quant_max[:, None].to(z)), quant_min[:, None].to(z)))
+        z.copy_(torch.maximum(torch.minimum(z, replicate_like(quant_max[:, None], z)), replicate_like(quant_min[:, None], z)))
 
     @torch.no_grad()
     def tables(self) -> Tensor:

@@ -51,6 +51,7 @@ from stepq.compiler.distributed import (
     rank_seed,
 )
 from stepq.compiler.errors import CalibrationError, PreconditionError
+from stepq.compiler.fsdp import check_mode, fsdp_training
 from stepq.compiler.pass_manager import CompileInputs, Contract, OpPresent, PassResult, RecipeHas, Step
 from stepq.compiler.program import Program
 from stepq.passes.insert_scale_source import SCALE_SOURCE
@@ -127,14 +128,17 @@ def _rows(item: Mapping[str, Any], batch_key: str, rows: int, rng: random.Random
 @torch.enable_grad()
 def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps: int, lr: float, batch: int = 8,
                      rows: int = 4, seed: int = 0, time_budget_s: float | None = None,
-                     objective: str = "output", progress: bool = True) -> list[float]:
+                     objective: str = "output", distributed: str = "ddp", progress: bool = True) -> list[float]:
     """Fit ``prog``'s activation scale source by reconstruction (``objective``: "layer" or "output",
     see the module doc); returns the loss curve.
 
     Each step draws ``batch`` calibration items (each one step of a trajectory batch) at random and
     ``rows`` samples of each, so one mini-batch of ``batch·rows`` samples spans ``batch`` timesteps.
+    ``distributed="fsdp"`` shards the scale source (the only trained module) by FSDP2 for the fit;
+    the frozen weights stay whole, as calibration needed them (``stepq.compiler.fsdp``).
     """
     gm = prog.gm
+    check_mode(distributed)
     if objective not in ("layer", "output"):
         raise PreconditionError(f"fit_scale_source: objective must be 'layer' or 'output', got {objective!r}")
     if not hasattr(gm, SCALE_SOURCE):
@@ -150,40 +154,42 @@ def fit_scale_source(prog: Program, data: Sequence[Mapping[str, Any]], *, steps:
     params = [p for p in source.parameters()]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
     rng = random.Random(rank_seed(seed))  # each rank draws from its own share of the calls
     broadcast_parameters(params)
     curve: list[float] = []
-    start = time.perf_counter()
-    source.train()
-    bar = tqdm(range(steps), desc="fit scales", disable=not progress, leave=False)
-    for step in bar:
-        chosen = [_rows(bound[rng.randrange(len(bound))], batch_key, rows, rng) for _ in range(batch)]
-        merged = merge_batches(chosen, batch_key)
-        flat = prog.flat_inputs((), merged)
-        if objective == "output":
-            # the graph module takes the call's own structure (nested inputs: PixArt's added_cond_kwargs)
-            loss = _relative_error(prog(**merged), run_without_quantizers(gm, *flat))
-        else:
-            interp = _LayerwiseLoss(gm)
-            interp.run(*flat)
-            if not interp.losses:
-                raise PreconditionError("fit_scale_source: no quantized op reads an activation quantizer")
-            loss = torch.stack(interp.losses).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(params)
-        opt.step()
-        curve.append(mean_over_ranks(float(loss.detach())))
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{curve[-1]:.4g}")
-        if time_budget_s is not None and any_rank(time.perf_counter() - start > time_budget_s):
-            log.info("fit_scale_source: time budget of %.0fs reached after %d steps", time_budget_s, step + 1)
-            break
+    with fsdp_training(gm, distributed, module=source, borrowed=prog.borrowed) as sharding:
+        params = sharding.params(params)
+        opt = torch.optim.Adam(params, lr=lr)
+        start = time.perf_counter()
+        source.train()
+        bar = tqdm(range(steps), desc="fit scales", disable=not progress, leave=False)
+        for step in bar:
+            chosen = [_rows(bound[rng.randrange(len(bound))], batch_key, rows, rng) for _ in range(batch)]
+            merged = merge_batches(chosen, batch_key)
+            flat = prog.flat_inputs((), merged)
+            if objective == "output":
+                # the graph module takes the call's own structure (nested inputs: PixArt's added_cond_kwargs)
+                loss = _relative_error(prog(**merged), run_without_quantizers(gm, *flat))
+            else:
+                interp = _LayerwiseLoss(gm)
+                interp.run(*flat)
+                if not interp.losses:
+                    raise PreconditionError("fit_scale_source: no quantized op reads an activation quantizer")
+                loss = torch.stack(interp.losses).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            average_gradients(params)  # the replicated ones (all of them under "ddp")
+            opt.step()
+            curve.append(mean_over_ranks(float(loss.detach())))
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{curve[-1]:.4g}")
+            if time_budget_s is not None and any_rank(time.perf_counter() - start > time_budget_s):
+                log.info("fit_scale_source: time budget of %.0fs reached after %d steps", time_budget_s, step + 1)
+                break
+        source.eval()
+        for p in params:
+            p.requires_grad_(False)
     or_bool_buffers(source)  # a scale table's visited timesteps: the union over the ranks
-    source.eval()
-    for p in params:
-        p.requires_grad_(False)
     log.info("fit_scale_source: %d steps, loss %.4g -> %.4g", len(curve), curve[0], curve[-1])
     return curve
 
@@ -201,5 +207,6 @@ class FitScaleSource(Step):
         cfg = prog.recipe.tdq
         prog.state.fit_curve = fit_scale_source(
             prog, inputs.kept, steps=cfg.fit_steps, lr=cfg.fit_lr, batch=cfg.fit_batch, rows=cfg.fit_rows,
-            seed=cfg.seed, time_budget_s=cfg.time_budget_s, objective=cfg.fit_objective, progress=inputs.progress)
+            seed=cfg.seed, time_budget_s=cfg.time_budget_s, objective=cfg.fit_objective,
+            distributed=prog.recipe.distributed, progress=inputs.progress)
         return PassResult(len(prog.state.fit_curve))

@@ -33,6 +33,7 @@ from stepq.compiler import ops
 from stepq.compiler.borrow import own_all
 from stepq.compiler.distributed import average_gradients, broadcast_parameters, mean_over_ranks
 from stepq.compiler.errors import PreconditionError, RecipeError
+from stepq.compiler.fsdp import check_mode, clip_grad_norm, fsdp_training
 from stepq.compiler.graph_utils import as_parameter
 from stepq.compiler.pass_manager import CompileInputs, Contract, PassResult, RecipeHas, StageIs, Step
 from stepq.compiler.program import Program
@@ -76,49 +77,54 @@ def train_ternary(
     batch_size: int = 64,
     grad_clip: float | None = 1.0,
     channels: int | None = None,
+    distributed: str = "ddp",
     progress: bool = True,
 ) -> list[float]:
-    """Ternary QAT of a calibrated program on (inputs, ε) batches; returns the loss curve."""
+    """Ternary QAT of a calibrated program on (inputs, ε) batches; returns the loss curve.
+    ``distributed="fsdp"``: the graph module sharded by FSDP2 for the loop (``stepq.compiler.fsdp``)."""
     if prog.stage != "calibrated":
         raise PreconditionError(f"train_ternary needs a calibrated program, got stage {prog.stage!r}")
+    check_mode(distributed)
     gm = prog.gm
     own_all(prog.borrowed, gm)  # the optimizer writes the floats in place: never the user's (borrowed) tensors
     alphas = ternary_scales(prog)
     special = {id(p) for p in alphas}
     floats = [p for p in gm.parameters() if id(p) not in special and p.dtype.is_floating_point]
-    params = floats + alphas
-    for p in params:
+    for p in floats + alphas:
         p.requires_grad_(True)
-    broadcast_parameters(params)  # under a process group: every rank starts from rank 0's values
-    opt = torch.optim.Adam([{"params": floats, "lr": lr}, {"params": alphas, "lr": scale_lr}])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps))
-    gm.train()
+    broadcast_parameters(floats + alphas)  # under a process group: every rank starts from rank 0's values
     curve: list[float] = []
-    bar = tqdm(range(steps), desc="ternary QAT", disable=not progress, leave=False)
-    for step in bar:
-        inputs, target = next(batches)
-        pred = model_output(prog(**inputs))
-        if channels is not None:
-            pred = pred[:, :channels]
-        elif pred.dim() > 1 and pred.shape[1] > target.shape[1]:  # ε and a learned variance (DiT's 2C outputs)
-            pred = pred[:, : target.shape[1]]
-        loss = torch.nn.functional.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(params)  # before clipping: the clip sees the concatenated batch's gradient
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        sched.step()
-        with torch.no_grad():  # scales stay positive
-            for p in alphas:
-                p.clamp_(min=1e-8)
-        curve.append(mean_over_ranks(loss.item()))
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{curve[-1]:.4g}")
-    gm.eval()
-    for p in params:
-        p.requires_grad_(False)
+    with fsdp_training(gm, distributed, borrowed=prog.borrowed) as sharding:
+        floats, alphas = sharding.params(floats), sharding.params(alphas)
+        params = floats + alphas
+        opt = torch.optim.Adam([{"params": floats, "lr": lr}, {"params": alphas, "lr": scale_lr}])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps))
+        gm.train()
+        bar = tqdm(range(steps), desc="ternary QAT", disable=not progress, leave=False)
+        for step in bar:
+            inputs, target = next(batches)
+            pred = model_output(prog(**inputs))
+            if channels is not None:
+                pred = pred[:, :channels]
+            elif pred.dim() > 1 and pred.shape[1] > target.shape[1]:  # ε and a learned variance (DiT's 2C outputs)
+                pred = pred[:, : target.shape[1]]
+            loss = torch.nn.functional.mse_loss(pred, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            average_gradients(params)  # before clipping: the clip sees the concatenated batch's gradient
+            if grad_clip is not None:
+                clip_grad_norm(params, grad_clip)  # the global norm over shards and replicated ones
+            opt.step()
+            sched.step()
+            with torch.no_grad():  # scales stay positive
+                for p in alphas:
+                    p.clamp_(min=1e-8)
+            curve.append(mean_over_ranks(loss.item()))
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{curve[-1]:.4g}")
+        gm.eval()
+        for p in params:
+            p.requires_grad_(False)
     return curve
 
 
@@ -138,5 +144,6 @@ class TrainTernary(Step):
             raise RecipeError(f"recipe {prog.recipe.name!r} trains (ternary QAT); pass train_data=denoising_batches(...)")
         prog.state.qat_curve = train_ternary(prog, inputs.train_data, steps=cfg.steps, lr=cfg.lr,
                                              scale_lr=cfg.scale_lr, batch_size=cfg.batch_size,
-                                             grad_clip=terdit.grad_clip, progress=inputs.progress)
+                                             grad_clip=terdit.grad_clip, distributed=prog.recipe.distributed,
+                                             progress=inputs.progress)
         return PassResult(len(prog.state.qat_curve))
