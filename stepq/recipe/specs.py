@@ -538,7 +538,7 @@ class QALoRAConfig(_Section):
     talsq: bool = True
     exclude_roles: tuple[str, ...] = ("input", "output", "timestep_embedding")
     seed: int = 0
-    order: str = "trajectory"
+    order: str = "shuffled"
     buffer_trajectories: int = 8
 
     def __post_init__(self) -> None:

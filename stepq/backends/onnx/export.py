@@ -38,6 +38,7 @@ from stepq.backends.onnx import direct
 from stepq.backends.onnx.lower import LoweringResult, lower
 from stepq.backends.onnx.partition import OnnxPartitioner
 from stepq.backends.onnx.postprocess import clamp_timestep_input, materialize_int4, write_metadata
+from stepq.backends.onnx.runtime import u8s8_saturates
 from stepq.backends.onnx.translation import TRANSLATION_TABLE
 from stepq.compiler.capture import widen_batch
 from stepq.compiler.errors import FallbackWarning, PostconditionError, StepqError
@@ -170,14 +171,18 @@ def _initializer_bytes(model: ir.Model) -> int:
     return total
 
 
-def lowered_copy(qm: Any, *, strict: bool) -> tuple[torch.fx.GraphModule, PartitionResult, LoweringResult]:
-    """A copy of ``qm``'s graph, partitioned and lowered to the backend's ops (still runs in PyTorch)."""
+def lowered_copy(qm: Any, *, strict: bool, unsigned_weights: bool | None = None
+                 ) -> tuple[torch.fx.GraphModule, PartitionResult, LoweringResult]:
+    """A copy of ``qm``'s graph, partitioned and lowered to the backend's ops (still runs in PyTorch).
+    ``unsigned_weights``: as ``export_graph``'s (None: ``u8s8_saturates()`` of this CPU)."""
     # a structural copy: the lowering registers new tensors and deletes attributes on the copy but
     # never writes into a tensor, so the copy shares the model's tensor storage (DiT-XL: −0.8 GB)
     memo: dict[int, Any] = {id(t): t for t in qm.gm.state_dict(keep_vars=True).values()}
     gm = copy.deepcopy(qm.gm, memo)
     partition = OnnxPartitioner().partition(gm, strict=strict)
-    return gm, partition, lower(gm, partition)
+    if unsigned_weights is None:
+        unsigned_weights = u8s8_saturates()
+    return gm, partition, lower(gm, partition, unsigned_weights=unsigned_weights)
 
 
 def _torch_onnx_export(gm: torch.fx.GraphModule, kwargs: dict[str, Any], *, opset: int, dynamic_batch: bool,
@@ -206,7 +211,8 @@ def _torch_onnx_export(gm: torch.fx.GraphModule, kwargs: dict[str, Any], *, opse
 
 def export_graph(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dynamic_batch: bool = True,
                  strict: bool = False, external_data: bool | None = None, check: bool = True,
-                 translator: str = "auto", optimize: bool | None = None) -> ExportResult:
+                 translator: str = "auto", optimize: bool | None = None,
+                 unsigned_weights: bool | None = None) -> ExportResult:
     """Write ``qm`` (a QuantizedModel) as quantized ONNX, its graph as it is (no width switch).
 
     Args:
@@ -223,6 +229,12 @@ def export_graph(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dyna
         optimize: run onnxscript's optimizer (constant folding, CSE, dead code) on the ONNX graph.
             Default: only on the torch.onnx path (as torch.onnx.export does); the direct path leaves
             that to ONNX Runtime's session-time optimiser (same latency measured, 9 s less on DiT-XL).
+        unsigned_weights: store the integer kernels' signed 8-bit weights as uint8 with zero point 128
+            (the same products): ONNX Runtime's u8·s8 kernel on x86 CPUs without VNNI or AMX sums pairs
+            of products in saturating int16 and is wrong by up to 2·255·127 − 32767 per pair; its u8·u8
+            kernel is exact. Default (None): when this CPU is such a CPU (``u8s8_saturates()``); a file
+            for another machine can set it either way (True is exact everywhere, False is ORT's faster
+            path on VNNI / AMX CPUs).
     """
     if translator not in ("auto", "direct", "torch.onnx"):
         raise ValueError(f"translator must be 'auto', 'direct' or 'torch.onnx', got {translator!r}")
@@ -233,7 +245,7 @@ def export_graph(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dyna
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    gm, partition, lowered = lowered_copy(qm, strict=strict)
+    gm, partition, lowered = lowered_copy(qm, strict=strict, unsigned_weights=unsigned_weights)
     if partition.rejections:
         shown = "\n  ".join(map(str, partition.rejections[:5]))
         more = f"\n  ... and {len(partition.rejections) - 5} more" if len(partition.rejections) > 5 else ""
@@ -268,7 +280,7 @@ def export_graph(qm: Any, path: str | os.PathLike[str], *, opset: int = 21, dyna
             warnings.warn(FallbackWarning(f"direct ONNX translation failed, falling back to torch.onnx.export "
                                           f"(slower, same graph): {e}"), stacklevel=3)
             model = None
-            gm = lowered_copy(qm, strict=strict)[0]
+            gm = lowered_copy(qm, strict=strict, unsigned_weights=unsigned_weights)[0]
         else:
             used = "direct"
             stages["direct_translate_s"] = time.perf_counter() - t

@@ -68,8 +68,9 @@ def _zp_dtype(quant_min: int) -> torch.dtype:
 
 
 class _Lowering:
-    def __init__(self, gm: torch.fx.GraphModule, result: LoweringResult):
+    def __init__(self, gm: torch.fx.GraphModule, result: LoweringResult, unsigned_weights: bool = False):
         self.gm = gm
+        self.unsigned_weights = unsigned_weights
         self.graph = gm.graph
         self.result = result
         self._act: dict[torch.fx.Node, tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]] = {}
@@ -130,6 +131,18 @@ class _Lowering:
         self._act[fq] = (xq, scale, zp)
         return self._act[fq]
 
+    def _shifted(self, w: WeightQuant) -> bool:
+        """Whether an integer kernel's signed 8-bit weight is stored as uint8 (codes and zero point + 128,
+        the same products exactly): ONNX Runtime's U8S8 kernel on x86 CPUs without VNNI adds pairs of
+        u8·s8 products in saturating int16 (VPMADDUBSW), its U8U8 kernel does not (runtime.py)."""
+        return self.unsigned_weights and w.signed and w.bits == 8
+
+    def _kernel_weight(self, w: WeightQuant, mat: torch.Tensor, name: str) -> torch.fx.Node:
+        """``mat`` as an integer kernel's weight input (``_weight_storage``, or shifted to uint8)."""
+        if self._shifted(w):
+            return self._buffer(f"{name}_uint8", (mat.to(torch.int16) + 128).to(torch.uint8).contiguous())
+        return self._weight_storage(w, mat, name)
+
     def _weight_storage(self, w: WeightQuant, mat: torch.Tensor, name: str) -> torch.fx.Node:
         """The integer matrix ``mat`` as a graph input: INT4 below 8 bits when it fits, else int8/uint8."""
         if w.bits <= 4 and w.signed:
@@ -139,6 +152,9 @@ class _Lowering:
         return self._buffer(f"{name}_{'int8' if w.signed else 'uint8'}", mat.contiguous())
 
     def _weight_zero_point(self, w: WeightQuant, name: str, n: int) -> torch.fx.Node | None:
+        if self._shifted(w):
+            z = (torch.round(w.zero_point.reshape(-1)).to(torch.int16) + 128).to(torch.uint8)
+            return self._buffer(f"{name}_zero_point_uint8", z.expand(n).contiguous() if z.numel() == 1 else z)
         if w.symmetric:
             return None
         z = torch.round(w.zero_point.reshape(-1)).to(w.q.dtype)
@@ -165,7 +181,7 @@ class _Lowering:
         n = w.q.shape[0]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         with self.graph.inserting_before(node):
-            b = self._weight_storage(w, w.q.t(), f"{name}_t")
+            b = self._kernel_weight(w, w.q.t(), f"{name}_t")
             y = self.graph.call_function(onnx_ops.MATMUL_INTEGER_TO_FLOAT, (
                 xq, b, scale, self._weight_scale(w, name, n), zp, self._weight_zero_point(w, name, n), bias))
         self._replace(node, y, "linear_integer")
@@ -181,7 +197,7 @@ class _Lowering:
         out_hw = [int(d) for d in node.meta["val"].shape[2:]]
         in_hw = [int(d) for d in node.args[0].meta["val"].shape[2:]]  # type: ignore[union-attr]
         with self.graph.inserting_before(node):
-            b = self._weight_storage(w, onnx_ops.conv_weight_matrix(w.q), f"{name}_mat")
+            b = self._kernel_weight(w, onnx_ops.conv_weight_matrix(w.q), f"{name}_mat")
             y = self.graph.call_function(onnx_ops.CONV_INTEGER_TO_FLOAT, (
                 xq, b, scale, self._weight_scale(w, name, o), zp, self._weight_zero_point(w, name, o), bias,
                 [kh, kw], stride, padding, dilation, in_hw, out_hw))
@@ -255,10 +271,11 @@ def _drop_dead(gm: torch.fx.GraphModule) -> None:
             delete_attr(gm, name)
 
 
-def lower(gm: torch.fx.GraphModule, partition: PartitionResult) -> LoweringResult:
-    """Rewrite the tagged nodes of ``gm`` in place (``gm`` is the exporter's copy)."""
+def lower(gm: torch.fx.GraphModule, partition: PartitionResult, *, unsigned_weights: bool = False) -> LoweringResult:
+    """Rewrite the tagged nodes of ``gm`` in place (``gm`` is the exporter's copy). ``unsigned_weights``:
+    the integer kernels' signed 8-bit weights as uint8 with zero point 128 (``_Lowering._shifted``)."""
     result = LoweringResult()
-    low = _Lowering(gm, result)
+    low = _Lowering(gm, result, unsigned_weights)
     by_name = {n.name: n for n in gm.graph.nodes}
     order = ("linear_integer", "conv2d_integer", "linear_weight_only")
     for name, placement in list(partition.tags.items()):
