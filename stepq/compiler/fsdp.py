@@ -45,6 +45,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from stepq.compiler.block_split import BlockSplit, split_blocks
 from stepq.compiler.borrow import Borrowed
 from stepq.compiler.distributed import all_reduce, backend_device, is_distributed, is_dtensor, world_size
 from stepq.compiler.errors import PreconditionError, RecipeError
@@ -95,6 +96,9 @@ class Sharding:
     _slots: list[tuple[nn.Module, str, nn.Parameter]] = field(default_factory=list)
     _snapshots: list[tuple[nn.Module, _Snapshot]] = field(default_factory=list)
     _new: dict[int, nn.Parameter] = field(default_factory=dict)
+    #: the per-block split ``units`` belong to (None: the units are ``gm`` or its submodules)
+    _split: BlockSplit | None = None
+    _split_classes: list[type] = field(default_factory=list)
 
     def params(self, ps: Iterable[nn.Parameter]) -> list[nn.Parameter]:
         """``ps`` (parameters made before sharding) as the loop must now use them: the sharded
@@ -105,8 +109,10 @@ class Sharding:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        if module is gm:  # its forward reads every weight (get_attr) and calls every submodule
-            self.units = [gm]
+        split = None
+        if module is gm:  # its forward reads every weight (get_attr): per block through a split of it, else one unit
+            split = split_blocks(gm)
+            self.units = [gm] if split is None else [*(b for _, b in split.blocks), split.module]
         else:  # each module of the subtree the graph calls, deepest first
             subtree = {id(m) for m in module.modules()}
             called = {id(m): m for m in (gm.get_submodule(str(n.target)) for n in gm.graph.nodes
@@ -118,10 +124,20 @@ class Sharding:
             self.units = sorted(called.values(), key=lambda m: -depth[id(m)])
         self._snapshots = [(m, _Snapshot.of(m)) for m in module.modules()]
         self._slots = [(m, leaf, p) for m in module.modules() for leaf, p in m._parameters.items() if p is not None]
+        trained = [] if split is None else [(m, leaf, p) for m in split.module.modules()
+                                            for leaf, p in m._parameters.items() if p is not None]
+        self._split_classes = [type(u) for u in self.units] if split is not None else []
         mesh = init_device_mesh(backend_device().type, (world_size(),))
         for unit in self.units:
             mine = {p for p in unit.parameters()}
             fully_shard(unit, mesh=mesh, ignored_params=ignored & mine)
+        if split is not None:  # gm's own slots take the sharded parameters too: no full copy stays alive there
+            sharded = {id(old): m._parameters[leaf] for m, leaf, old in trained if m._parameters[leaf] is not old}
+            for m, leaf, old in self._slots:
+                if id(old) in sharded:
+                    m._parameters[leaf] = sharded[id(old)]
+            gm.forward = split.module.__call__  # type: ignore[method-assign]  # the loop's prog(...) runs the split graph, under FSDP2's hooks
+            self._split = split
         self._new = {id(old): m._parameters[leaf] for m, leaf, old in self._slots  # type: ignore[misc]
                      if m._parameters[leaf] is not old}
         self.active = True
@@ -144,9 +160,12 @@ class Sharding:
                     full[id(p)] = nn.Parameter(whole.detach().clone(), requires_grad=p.requires_grad)
                 m._parameters[leaf] = full[id(p)]
         for m, snap in self._snapshots:
-            snap.restore(m)
-        _forget([m for m, _ in self._snapshots], [snap.cls for _, snap in self._snapshots])
+            snap.restore(m)  # gm's own class and attributes: the split's ``forward`` goes too
+        split_units = self.units if self._split is not None else []
+        _forget([*(m for m, _ in self._snapshots), *split_units],
+                [*(snap.cls for _, snap in self._snapshots), *self._split_classes])
         self.active, self.units, self._slots, self._snapshots, self._new = False, [], [], [], {}
+        self._split, self._split_classes = None, []
 
 
 def _forget(modules: Iterable[nn.Module], classes: Iterable[type]) -> None:
