@@ -141,7 +141,7 @@ def _localize(split: torch.fx.GraphModule) -> None:
 
 
 def split_blocks(gm: torch.fx.GraphModule) -> BlockSplit | None:
-    """``gm`` split per block (module docstring); None when it has fewer than two blocks."""
+    """``gm`` split per block (module docstring); None when no node lies in a block."""
     key = _keys(gm)
     segment: dict[torch.fx.Node, int] = {}
     names: list[str] = []
@@ -149,7 +149,7 @@ def split_blocks(gm: torch.fx.GraphModule) -> BlockSplit | None:
         if not names or names[-1] != k:
             names.append(k)
         segment[n] = len(names) - 1
-    if sum(1 for k in names if k) < 2:
+    if not any(names):
         return None
     split = split_module(gm, gm, lambda n: segment[n], keep_original_order=True)
     _localize(split)
