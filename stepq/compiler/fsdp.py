@@ -8,17 +8,22 @@ context is the identity: the loop replicates and averages as before (``average_g
 
 What is sharded (FSDP2's ``Shard(0)``: rank r holds rows [r·⌈n/N⌉, (r+1)·⌈n/N⌉) of each tensor):
 the FSDP units are modules whose ``forward`` runs, because FSDP2 gathers a unit's parameters in a
-forward pre-hook. A graph module reads its weights with ``get_attr`` and calls its submodules (scale
-source, LoRA adapters) inside its own forward, so when the loop trains the graph module (QAT,
-QALoRA, ternary QAT) it is one unit. The TDQ fit trains only the scale source, which the graph (or
-the fit's fx Interpreter) calls by ``call_module``: the units are then the modules of that subtree
-the graph calls (TALSQ's zero-point source is called on its own), deepest first, as
-``fully_shard`` wants. Per unit and step: the parameters are all-gathered for the forward and for the backward,
-the gradients reduce-scattered (the mean over the ranks, as DDP's all-reduce, so a gradient step
-on N ranks is still the step on the concatenated batch), the optimizer states live on the shards.
-The peak is therefore the whole of one unit's parameters plus the shards of gradients and
-optimizer states: with one unit for the graph, the gradients and Adam's two moments are divided
-by N, the all-gathered parameters are not (a per-block split would need a graph split per block).
+forward pre-hook. A graph module reads its weights with ``get_attr`` inside its own forward, so
+when the loop trains the graph module (QAT, QALoRA, ternary QAT) and the graph has blocks
+(``stepq.compiler.block_split``: ``blocks.<i>``, ``transformer_blocks.<i>``, ``down_blocks.<i>``, …),
+it is split into one partition per block (each reading its own weights, the graph's own tensor
+objects) and the stretches between them; every block partition is a unit, then the split graph
+is the root unit (it keeps the weights outside the blocks), and the graph module's ``forward``
+calls the split graph for the length of the loop. A graph without blocks is one unit. The TDQ
+fit trains only the scale source, which the graph (or the fit's fx Interpreter) calls by
+``call_module``: the units are then the modules of that subtree the graph calls (TALSQ's
+zero-point source is called on its own), deepest first, as ``fully_shard`` wants. Per unit and
+step: the parameters are all-gathered for the forward and for the backward, the gradients
+reduce-scattered (the mean over the ranks, as DDP's all-reduce, so a gradient step on N ranks is
+still the step on the concatenated batch), the optimizer states live on the shards. The peak is
+therefore the root's parameters and one block's, gathered, plus the shards of gradients and
+optimizer states (FSDP2 reshards a block after its forward and after its backward; the root
+stays gathered from its forward to its backward).
 
 Not sharded (``ignored_params``: the tensors stay the same objects, replicated; a trainable one
 has its gradient averaged by ``average_gradients``, which skips the sharded ones):
@@ -28,10 +33,13 @@ has its gradient averaged by ``average_gradients``, which skips the sharded ones
 * the tensors the program borrows from the user's model (``stepq.compiler.borrow``): that model
   holds them whole on every rank anyway, a shard would be a copy, and the loops never write them.
 
-After the loop every unit is resharded, every sharded parameter all-gathered (``full_tensor``, in
-module order: the same on every rank) into a plain ``nn.Parameter`` registered where it was, and
-every trace of ``fully_shard`` removed: each module's class, the attributes and the hooks it added
-(a snapshot taken before, restored after). ``convert``, ``save`` and the ONNX export see a program
+Under the split the graph module's own parameter slots hold the sharded parameters as well (the
+split's partitions replaced the same objects), so the graph module keeps no full copy (``_slots`` and LSQ QAT's
+``make_trainable`` lists still reference the original parameters, as with one unit). After the loop
+every unit is resharded, every sharded parameter all-gathered (``full_tensor``, in module order:
+the same on every rank) into a plain ``nn.Parameter`` registered where it was in the graph
+module, the split thrown away, and every trace of ``fully_shard`` removed: each module's class,
+the attributes and the hooks it added (a snapshot taken before, restored after). ``convert``, ``save`` and the ONNX export see a program
 that never was sharded.
 """
 
