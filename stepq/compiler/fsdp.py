@@ -34,13 +34,14 @@ has its gradient averaged by ``average_gradients``, which skips the sharded ones
   holds them whole on every rank anyway, a shard would be a copy, and the loops never write them.
 
 Under the split the graph module's own parameter slots hold the sharded parameters as well (the
-split's partitions replaced the same objects), so the graph module keeps no full copy (``_slots`` and LSQ QAT's
-``make_trainable`` lists still reference the original parameters, as with one unit). After the loop
-every unit is resharded, every sharded parameter all-gathered (``full_tensor``, in module order:
-the same on every rank) into a plain ``nn.Parameter`` registered where it was in the graph
-module, the split thrown away, and every trace of ``fully_shard`` removed: each module's class,
-the attributes and the hooks it added (a snapshot taken before, restored after). ``convert``, ``save`` and the ONNX export see a program
-that never was sharded.
+split's partitions replaced the same objects), so the graph module keeps no full copy
+(``_slots`` and LSQ QAT's ``make_trainable`` lists still reference the original parameters, as
+with one unit). After the loop every unit is resharded, every sharded parameter all-gathered
+(``full_tensor``, in module order: the same on every rank) into a plain ``nn.Parameter``
+registered where it was in the graph module, the split thrown away, and every trace of
+``fully_shard`` removed: each module's class, the attributes and the hooks it added (a snapshot
+taken before, restored after). ``convert``, ``save`` and the ONNX export see a program that
+never was sharded.
 """
 
 from __future__ import annotations
