@@ -51,8 +51,10 @@ Case = Callable[[int, int], dict[str, torch.Tensor]]
 FULL = 8
 
 
-def model() -> torch.nn.Module:
-    return build_random_denoiser(RandomDenoiserConfig(kind="unet"))
+def model(kind: str = "unet") -> torch.nn.Module:
+    """The random UNet (its ``down`` / ``up`` are no block names: FSDP2 takes its graph as one unit),
+    or with ``"dit"`` the random DiT of depth 2 (``blocks.0``, ``blocks.1``: one unit per block)."""
+    return build_random_denoiser(RandomDenoiserConfig(kind=kind, depth=2))
 
 
 def share(items: list, rank: int, world: int) -> list:
@@ -65,9 +67,9 @@ def recipe(observer, *, a_bits: int = 8, **sections) -> Recipe:
                   default=LayerSpec(weight=weight_spec(8), activation=act), **sections)
 
 
-def _calibrated(r: Recipe, rank: int, world: int, items: list | None = None) -> stepq.Program:
+def _calibrated(r: Recipe, rank: int, world: int, items: list | None = None, kind: str = "unet") -> stepq.Program:
     data = calib_set(FULL) if items is None else items
-    prog = stepq.prepare(stepq.capture(model(), data[0]), r)
+    prog = stepq.prepare(stepq.capture(model(kind), data[0]), r)
     return stepq.calibrate(prog, share(data, rank, world), progress=False)
 
 
@@ -209,11 +211,51 @@ def _layout(gm: torch.nn.Module) -> dict[str, tuple]:
             for name, m in gm.named_modules()}
 
 
-def _qat_step(rank: int, world: int, distributed: str
+@contextmanager
+def _watch_units(out: dict[str, torch.Tensor]):
+    """Record, over the forwards in the body, the FSDP2 units whose forward ran (``units``), the bytes
+    of the parameters FSDP2 shards (``unsharded_total``: every parameter that is a DTensor when the
+    root's forward starts) and the most of those bytes unsharded at once (``unsharded_peak``).
+
+    Measured in global forward hooks, which run before a module's own: at a unit's post-forward
+    FSDP2 has not resharded it yet. The unsharded bytes are those of the plain (not DTensor)
+    parameters of dim ≥ 1 beyond the ones plain from the start (the parameters FSDP2 ignores)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    root: list[torch.nn.Module] = []
+    units: set[int] = set()
+    seen = {"peak": 0, "total": 0, "plain": 0}
+
+    def plain(m: torch.nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in m.parameters() if not is_dtensor(p) and p.dim() > 0)
+
+    def pre(m, args):
+        if isinstance(m, FSDPModule) and not root:
+            root.append(m)
+            seen["total"] = sum(p.numel() * p.element_size() for p in m.parameters() if is_dtensor(p))
+            seen["plain"] = plain(m)
+
+    def post(m, args, result):
+        if isinstance(m, FSDPModule) and root:
+            units.add(id(m))
+            seen["peak"] = max(seen["peak"], plain(root[0]) - seen["plain"])
+
+    handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+    out["units"] = torch.tensor(len(units))
+    out["unsharded_peak"], out["unsharded_total"] = torch.tensor(seen["peak"]), torch.tensor(seen["total"])
+
+
+def _qat_step(rank: int, world: int, distributed: str, kind: str = "unet"
               ) -> tuple[stepq.Program, dict[str, torch.Tensor], dict[str, tuple]]:
     """One LSQ QAT step; the program, the tensors of ``case_qat_step``, the layout before training."""
     r = recipe(MinMaxObserver(), a_bits=8, qat=QATConfig(steps=1, lr=1e-3, scale_lr=1e-3, batch_size=8))
-    prog = _calibrated(r.replace(distributed=distributed), 0, 1)  # every rank calibrates on all the data
+    prog = _calibrated(r.replace(distributed=distributed), 0, 1, kind=kind)  # every rank calibrates on all the data
     inputs, target = qat_batch()
     k = 8 // world
     rows = slice(rank * k, (rank + 1) * k)
@@ -231,7 +273,7 @@ def _qat_step(rank: int, world: int, distributed: str
     watched: dict[str, torch.Tensor] = {}
     handle = register_optimizer_step_pre_hook(hook)
     try:
-        with _watch_optimizer(watched):
+        with _watch_optimizer(watched), _watch_units(watched):
             stepq.train(prog, itertools.repeat(mine), progress=False)
     finally:
         handle.remove()
@@ -246,14 +288,19 @@ def case_qat_step(rank: int, world: int) -> dict[str, torch.Tensor]:
     return _qat_step(rank, world, "ddp")[1]
 
 
-def case_qat_step_fsdp(rank: int, world: int) -> dict[str, torch.Tensor]:
+def case_qat_step_dit(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """``case_qat_step`` on the random DiT (two blocks)."""
+    return _qat_step(rank, world, "ddp", "dit")[1]
+
+
+def _qat_step_fsdp(rank: int, world: int, kind: str) -> dict[str, torch.Tensor]:
     """``case_qat_step`` with ``Recipe.distributed = "fsdp"``; then what is left of FSDP in the program
     (``trace.*``: counts that must be 0), and the converted model's output before and after save → load
 (the ONNX export reads the same converted program; it is left out here for its 6 s per rank)."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    prog, out, before = _qat_step(rank, world, "fsdp")
+    prog, out, before = _qat_step(rank, world, "fsdp", kind)
     gm = prog.gm
     tensors = [*gm.parameters(), *gm.buffers(), *gm.state_dict().values()]
     after = _layout(gm)
@@ -268,6 +315,16 @@ def case_qat_step_fsdp(rank: int, world: int) -> dict[str, torch.Tensor]:
         qm.save(str(Path(d) / "m"))
         out["reloaded"] = stepq.load(str(Path(d) / "m"))(**x)
     return out
+
+
+def case_qat_step_fsdp(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """``_qat_step_fsdp`` on the random UNet: one FSDP2 unit (no block names)."""
+    return _qat_step_fsdp(rank, world, "unet")
+
+
+def case_qat_step_fsdp_dit(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """``_qat_step_fsdp`` on the random DiT: one FSDP2 unit per block, then the split graph's root."""
+    return _qat_step_fsdp(rank, world, "dit")
 
 
 #: the two ways a training loop runs under a process group; the pair cases run both on copies of one program

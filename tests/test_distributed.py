@@ -38,7 +38,7 @@ RESERVOIR = 1 << 16
 FAST = ["minmax", "minmax_uneven", "reservoir", "ptqd", "qat_step", "collect", "dtensor", "nan"]  # the error case last
 SLOW = ["percentile", "mse", "ptqd_mixed", "tdq"]
 #: FSDP2 training (Recipe.distributed = "fsdp"), each loop beside its "ddp" run on the same 2 ranks
-FSDP = ["qat_step_fsdp", "tdq_fit", "qalora", "ternary"]
+FSDP = ["qat_step_fsdp", "qat_step_fsdp_dit", "tdq_fit", "qalora", "ternary"]
 
 
 @pytest.fixture(scope="module")
@@ -302,24 +302,47 @@ def _sharded(got, prefix="", world=WORLD):
     return opt
 
 
-def test_an_fsdp_qat_step_on_2_ranks_is_the_step_on_the_concatenated_batch(fsdp, one_thread):
+#: the FSDP QAT step's models: the UNet (one FSDP2 unit: no block names) and the DiT (one unit per block)
+QAT_MODELS = pytest.mark.parametrize("kind", ["", "_dit"], ids=["unet", "dit"])
+
+
+@QAT_MODELS
+def test_an_fsdp_qat_step_on_2_ranks_is_the_step_on_the_concatenated_batch(fsdp, one_thread, kind):
     """As the DDP step (the same tolerances): FSDP2 all-gathers the weights for the forward and
     reduce-scatters the mean gradient; the 0-dim step sizes stay replicated and are averaged."""
-    got, ref = _ranks(fsdp, "qat_step_fsdp"), _reference("qat_step")
+    got, ref = _ranks(fsdp, f"qat_step_fsdp{kind}"), _reference(f"qat_step{kind}")
     _sharded(got)
     assert int(got["opt.replicated_numel"]) > 0  # the per-tensor (0-dim) activation steps
     grads = [k for k in ref if k.startswith("grad.")]
     assert any("weight_scale" in k for k in grads) and any("input_scale" in k for k in grads)
+    assert sorted(grads) == sorted(k for k in got if k.startswith("grad."))
     for k in grads:  # the LSQ gradient scale applied to the sharded step sizes too
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-7, msg=k)
     torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-6, atol=0)
     _check_adam_first_step(got, ref)
-    half = _here("qat_step", 0, 2, ())  # one rank's half of the batch: what a missing reduction would give
+    half = _here(f"qat_step{kind}", 0, 2, ())  # one rank's half of the batch: what a missing reduction would give
     assert any(not torch.allclose(got[k], half[k], rtol=1e-3) for k in grads)
 
 
-def test_after_fsdp_training_the_program_is_a_plain_program_that_converts(fsdp, one_thread):
-    got, ref = _ranks(fsdp, "qat_step_fsdp"), _reference("qat_step_fsdp")
+def test_an_fsdp_dit_gathers_one_block_at_a_time(fsdp):
+    """The DiT's graph is split per block: its 2 blocks and the split graph's root are FSDP2 units
+    whose forward runs, and at no point of the forward are all the sharded parameters whole. The
+    root (patch embedding, timestep MLP, final linear: 3,184 weight and bias elements and 112
+    per-channel step sizes) stays gathered for the forward, each block (12,640 and 352) is gathered
+    for its own forward only: the peak is the root and one block, 16,288 of 29,280 elements (55.6%
+    of the sharded bytes; at depth d it would be (3,296 + 12,992) / (3,296 + d·12,992)). The UNet
+    (no block names) is one unit: 100%."""
+    dit, unet = _ranks(fsdp, "qat_step_fsdp_dit"), _ranks(fsdp, "qat_step_fsdp")
+    assert int(dit["units"]) == 3 and int(unet["units"]) == 1
+    assert int(unet["unsharded_peak"]) == int(unet["unsharded_total"]) > 0
+    peak, total = int(dit["unsharded_peak"]), int(dit["unsharded_total"])
+    assert total == 4 * (3_184 + 112 + 2 * (12_640 + 352))  # float32 bytes: every weight, bias, per-channel step
+    assert peak == 4 * (3_184 + 112 + 12_640 + 352), peak / total
+
+
+@QAT_MODELS
+def test_after_fsdp_training_the_program_is_a_plain_program_that_converts(fsdp, one_thread, kind):
+    got, ref = _ranks(fsdp, f"qat_step_fsdp{kind}"), _reference(f"qat_step_fsdp{kind}")
     for k in ("trace.dtensors", "trace.fsdp_modules", "trace.changed_modules", "trace.requires_grad"):
         assert int(got[k]) == 0, k  # no DTensor, no FSDP class, classes / attributes / hooks as before
     param_keys = {k for k in got if k.startswith("param.")}

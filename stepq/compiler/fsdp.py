@@ -8,17 +8,22 @@ context is the identity: the loop replicates and averages as before (``average_g
 
 What is sharded (FSDP2's ``Shard(0)``: rank r holds rows [r·⌈n/N⌉, (r+1)·⌈n/N⌉) of each tensor):
 the FSDP units are modules whose ``forward`` runs, because FSDP2 gathers a unit's parameters in a
-forward pre-hook. A graph module reads its weights with ``get_attr`` and calls its submodules (scale
-source, LoRA adapters) inside its own forward, so when the loop trains the graph module (QAT,
-QALoRA, ternary QAT) it is one unit. The TDQ fit trains only the scale source, which the graph (or
-the fit's fx Interpreter) calls by ``call_module``: the units are then the modules of that subtree
-the graph calls (TALSQ's zero-point source is called on its own), deepest first, as
-``fully_shard`` wants. Per unit and step: the parameters are all-gathered for the forward and for the backward,
-the gradients reduce-scattered (the mean over the ranks, as DDP's all-reduce, so a gradient step
-on N ranks is still the step on the concatenated batch), the optimizer states live on the shards.
-The peak is therefore the whole of one unit's parameters plus the shards of gradients and
-optimizer states: with one unit for the graph, the gradients and Adam's two moments are divided
-by N, the all-gathered parameters are not (a per-block split would need a graph split per block).
+forward pre-hook. A graph module reads its weights with ``get_attr`` inside its own forward, so
+when the loop trains the graph module (QAT, QALoRA, ternary QAT) and the graph has blocks
+(``stepq.compiler.block_split``: ``blocks.<i>``, ``transformer_blocks.<i>``, ``down_blocks.<i>``, …),
+it is split into one partition per block (each reading its own weights, the graph's own tensor
+objects) and the stretches between them; every block partition is a unit, then the split graph
+is the root unit (it keeps the weights outside the blocks), and the graph module's ``forward``
+calls the split graph for the length of the loop. A graph without blocks is one unit. The TDQ
+fit trains only the scale source, which the graph (or the fit's fx Interpreter) calls by
+``call_module``: the units are then the modules of that subtree the graph calls (TALSQ's
+zero-point source is called on its own), deepest first, as ``fully_shard`` wants. Per unit and
+step: the parameters are all-gathered for the forward and for the backward, the gradients
+reduce-scattered (the mean over the ranks, as DDP's all-reduce, so a gradient step on N ranks is
+still the step on the concatenated batch), the optimizer states live on the shards. The peak is
+therefore the root's parameters and one block's, gathered, plus the shards of gradients and
+optimizer states (FSDP2 reshards a block after its forward and after its backward; the root
+stays gathered from its forward to its backward).
 
 Not sharded (``ignored_params``: the tensors stay the same objects, replicated; a trainable one
 has its gradient averaged by ``average_gradients``, which skips the sharded ones):
@@ -28,11 +33,15 @@ has its gradient averaged by ``average_gradients``, which skips the sharded ones
 * the tensors the program borrows from the user's model (``stepq.compiler.borrow``): that model
   holds them whole on every rank anyway, a shard would be a copy, and the loops never write them.
 
-After the loop every unit is resharded, every sharded parameter all-gathered (``full_tensor``, in
-module order: the same on every rank) into a plain ``nn.Parameter`` registered where it was, and
-every trace of ``fully_shard`` removed: each module's class, the attributes and the hooks it added
-(a snapshot taken before, restored after). ``convert``, ``save`` and the ONNX export see a program
-that never was sharded.
+Under the split the graph module's own parameter slots hold the sharded parameters as well (the
+split's partitions replaced the same objects), so the graph module keeps no full copy
+(``_slots`` and LSQ QAT's ``make_trainable`` lists still reference the original parameters, as
+with one unit). After the loop every unit is resharded, every sharded parameter all-gathered
+(``full_tensor``, in module order: the same on every rank) into a plain ``nn.Parameter``
+registered where it was in the graph module, the split thrown away, and every trace of
+``fully_shard`` removed: each module's class, the attributes and the hooks it added (a snapshot
+taken before, restored after). ``convert``, ``save`` and the ONNX export see a program that
+never was sharded.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from stepq.compiler.block_split import BlockSplit, split_blocks
 from stepq.compiler.borrow import Borrowed
 from stepq.compiler.distributed import all_reduce, backend_device, is_distributed, is_dtensor, world_size
 from stepq.compiler.errors import PreconditionError, RecipeError
@@ -95,6 +105,9 @@ class Sharding:
     _slots: list[tuple[nn.Module, str, nn.Parameter]] = field(default_factory=list)
     _snapshots: list[tuple[nn.Module, _Snapshot]] = field(default_factory=list)
     _new: dict[int, nn.Parameter] = field(default_factory=dict)
+    #: the per-block split ``units`` belong to (None: the units are ``gm`` or its submodules)
+    _split: BlockSplit | None = None
+    _split_classes: list[type] = field(default_factory=list)
 
     def params(self, ps: Iterable[nn.Parameter]) -> list[nn.Parameter]:
         """``ps`` (parameters made before sharding) as the loop must now use them: the sharded
@@ -105,8 +118,10 @@ class Sharding:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        if module is gm:  # its forward reads every weight (get_attr) and calls every submodule
-            self.units = [gm]
+        split = None
+        if module is gm:  # its forward reads every weight (get_attr): per block through a split of it, else one unit
+            split = split_blocks(gm)
+            self.units = [gm] if split is None else [*(b for _, b in split.blocks), split.module]
         else:  # each module of the subtree the graph calls, deepest first
             subtree = {id(m) for m in module.modules()}
             called = {id(m): m for m in (gm.get_submodule(str(n.target)) for n in gm.graph.nodes
@@ -118,10 +133,20 @@ class Sharding:
             self.units = sorted(called.values(), key=lambda m: -depth[id(m)])
         self._snapshots = [(m, _Snapshot.of(m)) for m in module.modules()]
         self._slots = [(m, leaf, p) for m in module.modules() for leaf, p in m._parameters.items() if p is not None]
+        trained = [] if split is None else [(m, leaf, p) for m in split.module.modules()
+                                            for leaf, p in m._parameters.items() if p is not None]
+        self._split_classes = [type(u) for u in self.units] if split is not None else []
         mesh = init_device_mesh(backend_device().type, (world_size(),))
         for unit in self.units:
             mine = {p for p in unit.parameters()}
             fully_shard(unit, mesh=mesh, ignored_params=ignored & mine)
+        if split is not None:  # gm's own slots take the sharded parameters too: no full copy stays alive there
+            sharded = {id(old): m._parameters[leaf] for m, leaf, old in trained if m._parameters[leaf] is not old}
+            for m, leaf, old in self._slots:
+                if id(old) in sharded:
+                    m._parameters[leaf] = sharded[id(old)]
+            gm.forward = split.module.__call__  # type: ignore[method-assign]  # the loop's prog(...) runs the split graph, under FSDP2's hooks
+            self._split = split
         self._new = {id(old): m._parameters[leaf] for m, leaf, old in self._slots  # type: ignore[misc]
                      if m._parameters[leaf] is not old}
         self.active = True
@@ -144,9 +169,12 @@ class Sharding:
                     full[id(p)] = nn.Parameter(whole.detach().clone(), requires_grad=p.requires_grad)
                 m._parameters[leaf] = full[id(p)]
         for m, snap in self._snapshots:
-            snap.restore(m)
-        _forget([m for m, _ in self._snapshots], [snap.cls for _, snap in self._snapshots])
+            snap.restore(m)  # gm's own class and attributes: the split's ``forward`` goes too
+        split_units = self.units if self._split is not None else []
+        _forget([*(m for m, _ in self._snapshots), *split_units],
+                [*(snap.cls for _, snap in self._snapshots), *self._split_classes])
         self.active, self.units, self._slots, self._snapshots, self._new = False, [], [], [], {}
+        self._split, self._split_classes = None, []
 
 
 def _forget(modules: Iterable[nn.Module], classes: Iterable[type]) -> None:
