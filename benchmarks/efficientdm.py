@@ -52,9 +52,14 @@ ABLATION = {
     "QALoRA + scale-aware lr + TALSQ (w4a4-qalora)": "w4a4-qalora",
 }
 BITS = ["w4a4-qalora", "w4a8-qalora", "w2a8-qalora"]
-#: longer distillation (run only when named in --configs): how far more steps close the gap to QAT
-LONGER = {
+#: variant rows, run only when named in --configs: a longer distillation (how far more steps close the
+#: gap to QAT) and the update order / LoRA rate of docs/EFFICIENTDM.md's diagnosis
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "QALoRA + TALSQ, 1600 steps (w4a4-qalora, steps=1600)": ("w4a4-qalora", {"steps": 1600}),
+    **{f"{p} {o} lr {lr}": (p, {"order": o, "lora_lr": lr})
+       for p in [*BITS, "w4a4-qalora-no-talsq"] for o in ("trajectory", "shuffled") for lr in (0.1, 0.02)},
+    "w4a4-qalora-no-talsq shuffled lr 0.1 one rate": ("w4a4-qalora-no-talsq",
+                                                     {"order": "shuffled", "lora_lr": 0.1, "scale_aware": False}),
 }
 
 
@@ -76,7 +81,7 @@ def part_table(n: int, models: list[str], samplers: list[str], configs: list[str
         else:
             rows.append(f"stepq {spec}")
     rows += [f"stepq {b}" for b in BITS]
-    for label, spec in LONGER.items():
+    for label, spec in VARIANTS.items():
         if label in configs:
             quality.ROWS[label] = quality.stepq_row(_recipe(spec))
             rows.append(label)

@@ -63,9 +63,9 @@ def measure(short: str, recipes: list[str], samples: int, steps: int, repeats: i
     rows = []
     for recipe in recipes:
         qm = stepq.quantize(model, calls[0], recipe, calibration=data, progress=False)
-        ref = [_first(qm(**c, return_dict=False)) for c in calls[:2]]
+        ref = [_first(qm(**c)) for c in calls[:2]]
         cached = stepq.quantize(model, calls[0], recipe, calibration=data, progress=False).cache_dequantized()
-        exact = all(torch.equal(a, _first(cached(**c, return_dict=False))) for a, c in zip(ref, calls[:2], strict=True))
+        exact = all(torch.equal(a, _first(cached(**c))) for a, c in zip(ref, calls[:2], strict=True))
         bare = _without_activation_quantizers(cached._cached)
 
         def bare_call(c: dict[str, Any], bare: torch.fx.GraphModule = bare, qm: Any = cached) -> Any:
