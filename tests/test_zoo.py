@@ -158,3 +158,23 @@ def test_digits_split_is_fixed_stratified_and_scaled():
     assert dist.max() < 1e-5
     with pytest.raises(ValueError, match="split"):
         load_digits_images("valid")
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim", "dpmsolver++", "euler_a"])
+def test_make_scheduler_keeps_the_training_noise_schedule(kind):
+    """Every sampler kind is built over the model's own β schedule (so a sampler changes how the
+    timesteps are visited, never what ᾱ_t means), with the kind's algorithm."""
+    spec = zoo.entry("digits-ddpm")
+    s = spec.make_scheduler(kind)
+    torch.testing.assert_close(s.alphas_cumprod, spec.scheduler.alphas_cumprod, rtol=0, atol=0)
+    assert s.config.num_train_timesteps == 1000
+    if kind == "dpmsolver++":
+        assert s.config.algorithm_type == "dpmsolver++"
+    s.set_timesteps(20)
+    t = s.timesteps.float()
+    assert len(t) == 20 and t.max() <= 999 and t.min() >= 0 and (t.diff() < 0).all()
+
+
+def test_make_scheduler_rejects_an_unknown_kind():
+    with pytest.raises(ValueError, match=r"scheduler kind must be one of .*'euler_a'.*got 'heun'"):
+        zoo.entry("digits-ddpm").make_scheduler("heun")

@@ -216,13 +216,25 @@ class ZooEntry:
     uncond: Callable[[Mapping[str, Any]], dict[str, Tensor]] | None = None
 
     def make_scheduler(self, kind: str = "ddpm") -> Any:
-        """A fresh scheduler of ``kind`` (``"ddpm"`` or ``"ddim"``) built from the training config."""
-        from diffusers import DDIMScheduler, DDPMScheduler
+        """A fresh scheduler of ``kind`` built from the training config: ``"ddpm"``, ``"ddim"``,
+        ``"dpmsolver++"`` (``DPMSolverMultistepScheduler``, second order, deterministic) or ``"euler_a"``
+        (``EulerAncestralDiscreteScheduler``: Euler steps in σ, float timesteps, fresh noise every step)."""
+        from diffusers import (
+            DDIMScheduler,
+            DDPMScheduler,
+            DPMSolverMultistepScheduler,
+            EulerAncestralDiscreteScheduler,
+        )
 
-        classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+        classes: dict[str, tuple[Any, dict[str, Any]]] = {
+            "ddpm": (DDPMScheduler, {}), "ddim": (DDIMScheduler, {}),
+            "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+            "euler_a": (EulerAncestralDiscreteScheduler, {}),
+        }
         if kind not in classes:
             raise ValueError(f"scheduler kind must be one of {sorted(classes)}, got {kind!r}")
-        return classes[kind].from_config(self.scheduler.config)
+        cls, extra = classes[kind]
+        return cls.from_config(self.scheduler.config, **extra)
 
 
 def entry(name: str, directory: str | Path | None = None) -> ZooEntry:
