@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -84,7 +85,7 @@ def test_grid_frequencies_respect_the_calibration_grid(visited, half):
     T = 1000
     freqs = grid_frequencies(torch.tensor(visited), 2 * half, T).double()
     v = sorted(set(visited))
-    gap = max((b - a for a, b in zip(v, v[1:])), default=T)
+    gap = max((b - a for a, b in itertools.pairwise(v)), default=T)
     lo = math.pi / T
     assert freqs.shape == (half,)
     # the highest frequency: half the Nyquist frequency of the coarsest spacing (period 4 g >= 2 g) ...
@@ -98,7 +99,7 @@ def test_grid_frequencies_respect_the_calibration_grid(visited, half):
         torch.testing.assert_close(ratios, ratios[:1].expand_as(ratios), rtol=1e-5, atol=0)
 
 
-def test_the_fit_sets_grid_frequencies_from_the_calibration_timesteps():
+def test_the_fit_sets_grid_frequencies_from_the_calibration_timesteps(tmp_path):
     data = _data([10, 110, 260, 400, 700, 990])  # the largest gap: 700 - 400 = 300
     prog = _prog(data, frequencies="grid", fit_steps=2)
     gen = prog.gm.get_submodule(SCALE_SOURCE)
@@ -109,6 +110,8 @@ def test_the_fit_sets_grid_frequencies_from_the_calibration_timesteps():
     qm = stepq.convert(prog)
     x = data[2]
     torch.testing.assert_close(qm(**x), prog(**x), rtol=1e-4, atol=1e-4)
+    qm.save(str(tmp_path / "m"))
+    assert torch.equal(stepq.load(tmp_path / "m")(**x), qm(**x))
     geo = _prog(data, fit_steps=2).gm.get_submodule(SCALE_SOURCE)
     assert torch.equal(geo.freqs, fourier_frequencies(64, 10000.0))
 

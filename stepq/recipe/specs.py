@@ -419,7 +419,8 @@ class TDQConfig(_Section):
     on the integer grid at random timesteps, added to the fit's loss (``method="mlp"`` only).
     ``holdout`` is the fraction of the visited timesteps (whole timesteps, not samples) kept out of
     the fit; the held-out loss is evaluated every ``holdout_every`` steps and the parameters of its
-    minimum are restored at the end (``prog.state.fit_holdout_curve``). ``frequencies="geometric"``,
+    minimum are restored at the end (``prog.state.fit_holdout_curve``). The three act in the PTQ fit;
+    QAT (``Recipe.qat``) trains at uniformly random timesteps and ignores them. ``frequencies="geometric"``,
     ``smoothness=0``, ``holdout=0`` (the defaults) are the fit without any of this; the defaults are
     kept because the behaviour lock records the TDQ presets.
     """
