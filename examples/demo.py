@@ -153,7 +153,7 @@ def main() -> None:
     t = time.perf_counter()
     cfg = recipe.tdq
     curve = fit_scale_source(prog, list(calib), steps=args.fit_steps, lr=cfg.fit_lr, batch=cfg.fit_batch,
-                             rows=cfg.fit_rows, seed=cfg.seed, progress=False)
+                             rows=cfg.fit_rows, seed=cfg.seed, progress=False).curve
     models["w4a4 TDQ"] = tdq = stepq.convert(prog)
     k = max(1, len(curve) // 10)  # one minibatch's error is noisy (its timesteps vary): average a tenth
     print(f"fitted TDQ: {len(curve)} Adam steps, relative output error {sum(curve[:k]) / k:.4f} (first {k} steps) "

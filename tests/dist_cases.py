@@ -348,7 +348,7 @@ def case_tdq_fit(rank: int, world: int) -> dict[str, torch.Tensor]:
         for objective, steps in (("output", 3), ("layer", 2)):
             with _watch_optimizer(got, prefix=f"{objective}."):
                 curve = fit_scale_source(p, items, steps=steps, lr=5e-3, batch=2, rows=2, objective=objective,
-                                         distributed=mode, progress=False)
+                                         distributed=mode, progress=False).curve
             got.update({f"{objective}.source.{k}": v.detach().clone() for k, v in src.state_dict().items()})
             got[f"{objective}.curve"] = torch.tensor(curve, dtype=torch.float64)
         out.update({f"{mode}.{k}": v for k, v in got.items()})

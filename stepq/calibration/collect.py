@@ -12,6 +12,9 @@ up). Every rank draws the initial noise and conditions of every batch from the o
 generator, and batch b's sampler noise is seeded by b, so each rank's share is reproducible on its
 own and the ranks' shares together are exactly the one-process ``collect`` with the same
 ``batch_size``.
+
+``combine`` joins collections, e.g. the trajectories of several samplers (DDIM-20 and DDPM-100):
+a fit on the joined calls sees every timestep either sampler visits (docs/TDQ.md, "Smooth in t").
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from stepq.calibration.samplers import MakeInputs, default_make_inputs, make_den
 from stepq.compiler.distributed import rank, world_size
 from stepq.compiler.errors import CalibrationError
 
-__all__ = ["CalibrationData", "Sampling", "collect"]
+__all__ = ["CalibrationData", "Sampling", "collect", "combine"]
 
 
 def _detach(v: Any) -> Any:
@@ -180,3 +183,21 @@ def collect(
                on_step=lambda i, t, x, p: data.timesteps.append(float(t)))
     bar.close()
     return data
+
+
+def combine(*collections: CalibrationData) -> CalibrationData:
+    """One ``CalibrationData`` holding the calls of ``collections`` in order (each collection's
+    calls and timesteps as recorded), e.g. ``combine(collect(m, ddim, num_inference_steps=20, ...),
+    collect(m, ddpm, num_inference_steps=100, ...))`` to calibrate and fit on the trajectories of
+    both samplers. The first collection's ``sampling`` is kept (what EfficientDM's distillation
+    reruns); every collection must name the same timestep input."""
+    if not collections:
+        raise CalibrationError("combine: no calibration data given")
+    args = {c.timestep_arg for c in collections}
+    if len(args) > 1:
+        raise CalibrationError(f"combine: the collections name different timestep inputs: {sorted(args)}")
+    out = CalibrationData(timestep_arg=collections[0].timestep_arg, sampling=collections[0].sampling)
+    for c in collections:
+        out.items.extend(c.items)
+        out.timesteps.extend(c.timesteps)
+    return out

@@ -11,6 +11,7 @@ a loaded model whose state was written under another version is refused, not gue
 | report_batch | one bound calibration call | calibrate | convert's report |
 | report | [LayerReport] | convert | QuantizedModel.report, the artefact |
 | fit_curve | [float] | the TDQ fit | benchmarks, tests |
+| fit_holdout_curve | [(steps done, float)] | the TDQ fit with held-out timesteps | benchmarks, tests |
 | qat_curve | [float] | LSQ QAT | benchmarks, tests |
 | distill_curve | [float] | EfficientDM's distillation | benchmarks, tests |
 | ptqd | PTQDStats | PTQD statistics | correct_noise, refresh_tables, PTQDScheduler |
@@ -79,6 +80,7 @@ class ProgramState:
     report_batch: dict[str, Any] | None = None
     report: list[LayerReport] = field(default_factory=list)
     fit_curve: list[float] | None = None
+    fit_holdout_curve: list[tuple[int, float]] | None = None
     qat_curve: list[float] | None = None
     distill_curve: list[float] | None = None
     ptqd: PTQDStats | None = None

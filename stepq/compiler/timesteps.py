@@ -182,7 +182,7 @@ def interpolate_unvisited(values: torch.Tensor, visited: torch.Tensor) -> torch.
         return values.clone()
     if seen.numel() == 1:
         return values[:, seen].expand_as(values).clone()
-    t = torch.arange(values.shape[1], dtype=torch.float32)
+    t = torch.arange(values.shape[1], dtype=torch.float32, device=values.device)
     pos = torch.searchsorted(seen.float(), t).clamp(1, seen.numel() - 1)
     lo, hi = seen[pos - 1], seen[pos]
     w = ((t - lo.float()) / (hi - lo).float()).clamp(0, 1)

@@ -12,6 +12,7 @@ Grids are the standard ones: signed [−2^(b−1), 2^(b−1)−1], unsigned [0, 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -408,6 +409,20 @@ class TDQConfig(_Section):
     network's output (``"output"``, the default: the FP model as teacher, gradients through every
     quantizer by the STE) or each quantized layer's output from FP inputs (``"layer"``; on the
     digits models it made TDQ worse than static steps, see docs/TDQ.md).
+
+    Smooth in t (the fit sees only the calibration's timesteps; the step sizes must behave between
+    them, e.g. for another sampler; docs/TDQ.md, "Smooth in t"): ``frequencies`` is the encoding's
+    frequency set, ``"geometric"`` (the paper's, ω_k = t_max^(−k/(D/2)): periods from ~6 timesteps
+    up) or ``"grid"`` (set by the fit from the visited timesteps: periods from 4× the largest gap
+    between them, half the Nyquist limit of that spacing, up to 2T; ``t_max`` is then unused).
+    ``smoothness`` weights a penalty on the curvature of log s(t), the mean squared second difference
+    on the integer grid at random timesteps, added to the fit's loss (``method="mlp"`` only).
+    ``holdout`` is the fraction of the visited timesteps (whole timesteps, not samples) kept out of
+    the fit; the held-out loss is evaluated every ``holdout_every`` steps and the parameters of its
+    minimum are restored at the end (``prog.state.fit_holdout_curve``). The three act in the PTQ fit;
+    QAT (``Recipe.qat``) trains at uniformly random timesteps and ignores them. ``frequencies="geometric"``,
+    ``smoothness=0``, ``holdout=0`` (the defaults) are the fit without any of this; the defaults are
+    kept because the behaviour lock records the TDQ presets.
     """
 
     method: Literal["mlp", "table"] = "mlp"
@@ -421,6 +436,10 @@ class TDQConfig(_Section):
     fit_objective: Literal["layer", "output"] = "output"
     time_budget_s: float | None = None
     seed: int = 0
+    frequencies: Literal["grid", "geometric"] = "geometric"
+    smoothness: float = 0.0
+    holdout: float = 0.0
+    holdout_every: int = 10
 
     def __post_init__(self) -> None:
         _check(self.method in ("mlp", "table"), f"TDQConfig.method must be 'mlp' or 'table', got {self.method!r}")
@@ -434,6 +453,17 @@ class TDQConfig(_Section):
         _check(self.fit_rows >= 1, f"TDQConfig.fit_rows must be >= 1, got {self.fit_rows}")
         _check(self.fit_objective in ("layer", "output"),
                f"TDQConfig.fit_objective must be 'layer' or 'output', got {self.fit_objective!r}")
+        _check(self.frequencies in ("grid", "geometric"),
+               f"TDQConfig.frequencies must be 'grid' or 'geometric', got {self.frequencies!r}")
+        _check(isinstance(self.smoothness, (int, float)) and math.isfinite(self.smoothness) and self.smoothness >= 0,
+               f"TDQConfig.smoothness must be a finite number >= 0, got {self.smoothness!r}")
+        _check(self.method == "mlp" or self.smoothness == 0,
+               f"TDQConfig.smoothness penalises the generators' curvature; method={self.method!r} has none "
+               f"(set smoothness=0)")
+        _check(isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1,
+               f"TDQConfig.holdout must be a fraction in [0, 1), got {self.holdout!r}")
+        _check(isinstance(self.holdout_every, int) and self.holdout_every >= 1,
+               f"TDQConfig.holdout_every must be an integer >= 1, got {self.holdout_every!r}")
 
 
 
