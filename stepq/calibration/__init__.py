@@ -7,6 +7,6 @@
 * ``probe``: the program run with its quantizers bypassed, per-layer outputs, SQNR.
 """
 
-from stepq.calibration.collect import CalibrationData, Sampling, collect
+from stepq.calibration.collect import CalibrationData, Sampling, collect, collect_samplings
 
-__all__ = ["CalibrationData", "Sampling", "collect"]
+__all__ = ["CalibrationData", "Sampling", "collect", "collect_samplings"]
