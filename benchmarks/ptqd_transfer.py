@@ -13,6 +13,12 @@ for no correction, k only, b only, k + b, under the plain per-timestep estimator
 (σ_q) does not enter a prediction's MSE; it is reported as the mean σ_q on the held-out steps.
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/ptqd_transfer.py       # writes docs/results/ptqd_transfer.{json,md}
+
+``--trajectories N`` instead samples N DDPM-100 images per configuration from the same seeds
+(FP; W4A8 with none, +k, +k+b, +k+b+variance schedule, each under the plain and the new
+estimator, statistics fitted on the DDIM-20 trajectories through ``stepq.ptqd.apply``) and reports
+PSNR and MSE against the FP images: the whole sampler, variance schedule included
+(docs/results/ptqd_transfer_trajectories.json).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 import torch
 
 import stepq
-from stepq import zoo
+from stepq import metrics, ptqd, zoo
 from stepq.calibration import collect
 from stepq.methods.ptqd import ErrorAccumulator, Estimator, PTQDStats, predictions
 
@@ -84,7 +90,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--test-samples", type=int, default=16, help="held-out DDPM-100 FP trajectories")
     ap.add_argument("--recipe", default="w4a8")
     ap.add_argument("--out", default="docs/results/ptqd_transfer")
+    ap.add_argument("--trajectories", type=int, default=0, help="sample this many DDPM-100 images per config instead")
     args = ap.parse_args(argv)
+    if args.trajectories:
+        return trajectories(args)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     name = "digits-ddpm"
@@ -129,6 +138,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     write_md(result, out.with_suffix(".md"))
     print(f"done in {time.perf_counter() - t0:.0f}s", flush=True)
+    return result
+
+
+FLAGS = {"none": (False, False, False), "+k": (True, False, False), "+k+b": (True, True, False),
+         "+k+b+var": (True, True, True)}
+NEW = {"shrinkage": "kernel", "bias_shrinkage": "zero", "gate_z": 2.0}
+
+
+def trajectories(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    name = "digits-ddpm"
+    model, entry = zoo.load(name), zoo.entry(name)
+    calib = calibration_for(name, model, entry, args.calib_samples, seed=12345)
+    fit = collect(model, entry.make_scheduler("ddim"), num_samples=args.fit_samples, num_inference_steps=20, seed=777,
+                  eta=0.0, sample_shape=entry.sample_shape, channels=1, progress=False)
+    n, seed = args.trajectories, 4242
+    fp, _ = zoo.generate(model, entry, n, num_inference_steps=100, scheduler="ddpm", seed=seed)
+    result: dict[str, Any] = {"model": name, "recipe": args.recipe, "n": n, "fit": "ddim20", "rows": []}
+    for est_name, est in (("plain", {}), ("kernel+bias-js+gate2", NEW)):
+        qm = stepq.quantize(model, calib[0], args.recipe, calibration=calib, progress=False)
+        ptqd.apply(qm, model, fit, config=stepq.PTQDConfig(**est))  # type: ignore[arg-type]
+        for label, (c, b, v) in FLAGS.items():
+            if label == "none" and est_name != "plain":
+                continue
+            q = ptqd.with_config(qm, qm.recipe.ptqd.replace(correlated=c, bias=b, variance=v))
+            images, _ = zoo.generate(q, entry, n, num_inference_steps=100, seed=seed,
+                                     scheduler=ptqd.scheduler_for(q, entry.make_scheduler("ddpm")))
+            row = {"estimator": est_name, "config": label, "psnr_vs_fp": metrics.psnr(images, fp),
+                   "mse_vs_fp": float(((images - fp) ** 2).mean())}
+            result["rows"].append(row)
+            print(f"  {est_name:22s} {label:10s} PSNR {row['psnr_vs_fp']:.3f} dB  MSE {row['mse_vs_fp']:.6f}  "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    out = Path(args.out + "_trajectories.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
     return result
 
 

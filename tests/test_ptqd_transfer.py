@@ -268,3 +268,22 @@ def test_with_config_refuses_another_estimator_and_apply_uses_it():
     st_ = gated.program.state.ptqd
     assert bool(st_.k_gated[st_.visited].all()) and float(st_.k.abs().max()) == 0.0
     assert float(st_.bias.abs().max()) == 0.0
+
+
+def test_plot_shows_the_tables_bands_and_gated_terms(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    acc = ErrorAccumulator(50, 1, normality_samples=None)
+    _clustered(acc, 10, 16, g, k=0.0, b=(0.0,), sigma=0.3, tau_k=0.0, tau_b=0.0)
+    _clustered(acc, 40, 16, g, k=0.3, b=(0.5,), sigma=0.3)
+    s = acc.finalize(estimator=Estimator(gate_z=3.0))
+    fig = ptqd.plot_statistics(s, tmp_path / "k_b.png", z=2.0)
+    assert (tmp_path / "k_b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax_k, ax_b = fig.axes
+    lines = {ln.get_label(): ln for ln in ax_k.get_lines()}
+    assert lines["applied table"].get_ydata().tolist() == pytest.approx(s.k.tolist())
+    assert lines["gated (set to 0)"].get_xdata().tolist() == [10]
+    assert lines["measured timesteps"].get_xdata().tolist() == [10, 40]
+    band = ax_k.collections[0].get_paths()[0].vertices[:, 1]  # the ±2 se band around the slope
+    hi = float(s.slope[40] + 2 * s.k_se[40])
+    assert float(band.max()) >= hi - 1e-5 and float(band.max()) <= float((s.slope + 2 * s.k_se).max()) + 1e-5
+    assert {ln.get_label() for ln in ax_b.get_lines()} >= {"applied table", "raw per-timestep estimate"}
