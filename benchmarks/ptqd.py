@@ -16,8 +16,11 @@ seed), with the FP and quantized models on the same inputs (the guidance-combine
     python benchmarks/ptqd.py --models ddpm --n 500      # one model (results merge per model)
     python benchmarks/ptqd.py --report-only              # rebuild docs/results/ptqd.md from the JSON
 
-Writes docs/results/ptqd_<model>.json, docs/results/ptqd.md and PNG plots (k_t and σ_q(t); SNR^Q per
-width against SNR^F with the chosen bits).
+Writes docs/results/ptqd_<model>.json, docs/results/ptqd.md and PNG plots (k_t and σ_q(t); k_t and
+b̄_t with their ±2 se bands, raw estimates, gated terms and the measured timesteps, per base; SNR^Q per
+width against SNR^F with the chosen bits). ``--shrinkage kernel --gate-z 2 --bias-shrinkage zero`` run
+the rows with the estimator of docs/PTQD.md "Statistics that transfer"; ``--stats-scheduler ddim
+--stats-steps 20`` measures the statistics on DDIM-20 (η = 0) trajectories instead.
 """
 
 from __future__ import annotations
@@ -92,6 +95,9 @@ def _stats_summary(qm: stepq.QuantizedModel) -> dict[str, Any]:
         "k_mean": float(st.k[v].mean()), "k_max": float(st.k[v].max()),
         "slope_min": float(st.slope[v].min()), "sigma_mean": float(st.sigma[v].mean()),
         "bias_abs_mean": float(st.bias[v].abs().mean()), "timesteps": int(v.sum()),
+        "k_se_median": float(st.k_se[v].median()) if st.k_se is not None else None,
+        "k_gated": float(st.k_gated[v].double().mean()) if st.k_gated is not None else None,
+        "bias_gated": float(st.bias_gated[v].double().mean()) if st.bias_gated is not None else None,
         "curves": {"t": v.nonzero().reshape(-1).tolist(), "k": st.k[v].tolist(), "slope": st.slope[v].tolist(),
                    "sigma": st.sigma[v].tolist(), "snr": st.snr[v].tolist()},
     }
@@ -152,8 +158,9 @@ def run_model(short: str, args: argparse.Namespace, classifier: torch.nn.Module,
     model, entry = zoo.load(name), zoo.entry(name)
     t0 = time.perf_counter()
     calib = calibration_for(name, model, entry, args.calib_samples, seed=args.seed + 12345)
-    stats_data = collect(model, entry.make_scheduler("ddpm"), num_samples=args.stats_samples,
+    stats_data = collect(model, entry.make_scheduler(args.stats_scheduler), num_samples=args.stats_samples,
                          num_inference_steps=args.stats_steps, seed=args.seed + 777, sample_shape=entry.sample_shape,
+                         eta=0.0 if args.stats_scheduler == "ddim" else None,
                          conditions=entry.conditions, uncond=entry.uncond, guidance_scale=entry.guidance_scale,
                          channels=entry.sample_shape[0], progress=False)
     print(f"{name}: calibration {len(calib)} batches, statistics {len(stats_data)} batches "
@@ -166,7 +173,8 @@ def run_model(short: str, args: argparse.Namespace, classifier: torch.nn.Module,
         result["bops"] = {k: v for k, v in result["bops"].items() if k not in SAMPLERS}  # an older layout
         result["plots"] = [f for f in result.get("plots", []) if (RESULTS / f).exists()]
     models: dict[str, Any] = {}
-    cfg = stepq.PTQDConfig(guidance_scale=entry.guidance_scale)
+    cfg = stepq.PTQDConfig(guidance_scale=entry.guidance_scale, shrinkage=args.shrinkage, gate_z=args.gate_z,
+                           bias_shrinkage=args.bias_shrinkage)
     for base in sorted({c[1] for c in _configs(args.configs)}):
         t1 = time.perf_counter()
         recipe = stepq.get_preset("w4a8" if base.startswith("mixed") else base)
@@ -199,6 +207,10 @@ def run_model(short: str, args: argparse.Namespace, classifier: torch.nn.Module,
         result["fd_seed_std"] = {"sampler": "ddim20-eta1", "seeds": len(fds), "fd": fds,
                                  "std": float(torch.tensor(fds).std())}
     plots = _plots(short, dict(result["stats"]), mps, RESULTS)
+    for base, qm in models.items():  # k_t and b̄_t with their uncertainty, the measured grid, the gated terms
+        f = RESULTS / f"ptqd_{short}_{base}_k_bias_se.png"
+        ptqd.plot_statistics(qm.program.state.ptqd, f, title=f"digits-{short} {base}: PTQD statistics")
+        plots.append(f.name)
     result["plots"] = sorted(set(result.get("plots", [])) | set(plots))
     fp_images: dict[str, torch.Tensor] = {}
     cache = Path(args.cache_dir)
@@ -326,6 +338,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--stats-samples", type=int, default=32, help="FP trajectories the PTQD statistics are measured on")
     ap.add_argument("--stats-steps", type=int, default=100)
+    ap.add_argument("--stats-scheduler", default="ddpm", choices=["ddpm", "ddim"],
+                    help="sampler of the statistics' FP trajectories (ddim: η = 0)")
+    ap.add_argument("--shrinkage", default="none", choices=["none", "kernel"], help="PTQDConfig.shrinkage")
+    ap.add_argument("--gate-z", type=float, default=0.0, help="PTQDConfig.gate_z")
+    ap.add_argument("--bias-shrinkage", default="none", choices=["none", "zero", "pooled"],
+                    help="PTQDConfig.bias_shrinkage")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fd-noise-seeds", type=int, default=0,
                     help="also sample the FP model with this many seeds to show FD's seed-to-seed spread")

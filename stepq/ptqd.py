@@ -11,11 +11,13 @@ its results (the method itself: ``stepq.methods.ptqd``; its stages: the pipeline
 
 from __future__ import annotations
 
+from stepq.artifact.plots import plot_ptqd_statistics as plot_statistics
 from stepq.compiler.api import apply_ptqd as apply
 from stepq.compiler.api import ptqd_with_config as with_config
 from stepq.methods.ptqd import (
     ChooseBits,
     ErrorAccumulator,
+    Estimator,
     LayerCost,
     MeasureNoise,
     MixedPrecision,
@@ -29,6 +31,7 @@ from stepq.methods.ptqd import (
     copy_model,
     fill_table,
     forward_snr,
+    kernel_bandwidth,
     layer_costs,
     measure,
     predictions,
@@ -41,6 +44,7 @@ from stepq.methods.ptqd import (
 __all__ = [
     "ChooseBits",
     "ErrorAccumulator",
+    "Estimator",
     "LayerCost",
     "MeasureNoise",
     "MixedPrecision",
@@ -55,8 +59,10 @@ __all__ = [
     "copy_model",
     "fill_table",
     "forward_snr",
+    "kernel_bandwidth",
     "layer_costs",
     "measure",
+    "plot_statistics",
     "predictions",
     "scheduler_for",
     "scheduler_kind",

@@ -7,6 +7,8 @@ Three PNGs, drawn with matplotlib's Agg backend (no display needed):
   integer training timestep t ∈ [0, T) — the table buffer itself, one line per layer;
 * ``sqnr.png``: the per-layer output SQNR against FP from the convert-time report (``qm.report()``),
   SQNR = 10·log10(‖y_fp‖² / ‖y_fp − y_q‖²) dB;
+* ``plot_ptqd_statistics``: PTQD's k_t and the all-channel bias b̄_t over t with ±z·se bands, the
+  raw per-timestep estimates at the measured timesteps, the gated ones and the measured grid;
 * ``samples.png``: with an FP model and a ``stepq.Sampling``, FP samples (top row) and the
   quantized model's samples from the same noise, conditions and sampler seed (bottom row).
 
@@ -35,8 +37,10 @@ if TYPE_CHECKING:
 
     from stepq.artifact.quantized_model import QuantizedModel
     from stepq.calibration.collect import Sampling
+    from stepq.methods.ptqd.statistics import PTQDStats
 
-__all__ = ["plot_model", "plot_samples", "plot_sqnr", "plot_steps_vs_t", "sample_pair", "timestep_step_tables"]
+__all__ = ["plot_model", "plot_ptqd_statistics", "plot_samples", "plot_sqnr", "plot_steps_vs_t", "sample_pair",
+           "timestep_step_tables"]
 
 
 def _layer_of(q: torch.fx.Node) -> str:
@@ -198,3 +202,41 @@ def plot_model(qm: QuantizedModel, folder: str | os.PathLike[str], *, fp_model: 
         plot_samples(fp, q, folder / "samples.png", title=f"FP (top) vs stepq {qm.recipe.name} (bottom), same seeds")
         out["samples"] = folder / "samples.png"
     return out
+
+
+def plot_ptqd_statistics(stats: PTQDStats, path: str | os.PathLike[str], *, z: float = 2.0,
+                         title: str | None = None) -> Figure:
+    """Write PTQD's statistics (``PTQDStats``, e.g. ``qm.program.state.ptqd``) to ``path``: left
+    k_t, right the all-channel bias b̄_t, each the applied table (line) with a ±``z``·se band
+    (the estimator's standard errors, when the statistics have them), the raw per-timestep
+    estimates at the measured timesteps (dots), the terms the gate set to 0 (crosses) and the
+    measured timesteps (ticks on the axis). Returns the figure."""
+    t = np.arange(stats.num_train_timesteps)
+    vis = stats.visited.numpy().astype(bool)
+    fig = _figure(11, 3.8)
+    ax_k, ax_b = fig.subplots(1, 2)
+    raw_k = stats.raw_k if stats.raw_k is not None else stats.k
+    raw_b = (stats.raw_bias if stats.raw_bias is not None else stats.bias).double().mean(1)
+    pooled = stats.bias_pooled if stats.bias_pooled is not None else stats.bias.double().mean(1)
+    panels = ((ax_k, stats.slope.numpy(), stats.k.numpy(), stats.k_se, raw_k.numpy(), stats.k_gated, "k_t"),
+              (ax_b, pooled.numpy(), stats.bias.double().mean(1).numpy(), stats.bias_pooled_se, raw_b.numpy(),
+               None if stats.bias_gated is None else stats.bias_gated.all(1), "b̄_t (mean over channels)"))
+    for ax, centre, applied, se, raw, gated, name in panels:
+        if se is not None:
+            half = np.where(np.isfinite(se.numpy()), z * se.numpy(), np.nan)
+            ax.fill_between(t, centre - half, centre + half, color="tab:blue", alpha=0.2,
+                            label=f"estimate ± {z:g} se")
+        ax.plot(t, applied, color="tab:blue", lw=1.2, label="applied table")
+        ax.plot(t[vis], raw[vis], ".", color="k", ms=3, label="raw per-timestep estimate")
+        if gated is not None and bool(gated.any()):
+            g = gated.numpy().astype(bool)
+            ax.plot(t[g & vis], raw[g & vis], "x", color="tab:red", ms=5, label="gated (set to 0)")
+        ax.plot(t[vis], np.zeros(int(vis.sum())), "|", color="tab:gray", ms=8, label="measured timesteps")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("training timestep t")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    ax_k.set_title(title or "PTQD statistics")
+    _save(fig, path)
+    return fig

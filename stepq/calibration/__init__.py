@@ -8,6 +8,6 @@
 * ``probe``: the program run with its quantizers bypassed, per-layer outputs, SQNR.
 """
 
-from stepq.calibration.collect import CalibrationData, Sampling, collect, combine
+from stepq.calibration.collect import CalibrationData, Sampling, collect, collect_samplings, combine
 
-__all__ = ["CalibrationData", "Sampling", "collect", "combine"]
+__all__ = ["CalibrationData", "Sampling", "collect", "collect_samplings", "combine"]

@@ -19,6 +19,8 @@ a fit on the joined calls sees every timestep either sampler visits (docs/TDQ.md
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,7 +35,7 @@ from stepq.calibration.samplers import MakeInputs, default_make_inputs, make_den
 from stepq.compiler.distributed import rank, world_size
 from stepq.compiler.errors import CalibrationError
 
-__all__ = ["CalibrationData", "Sampling", "collect", "combine"]
+__all__ = ["CalibrationData", "Sampling", "collect", "collect_samplings", "combine", "sampler_timesteps", "sampling_of"]
 
 
 def _detach(v: Any) -> Any:
@@ -200,4 +202,52 @@ def combine(*collections: CalibrationData) -> CalibrationData:
     for c in collections:
         out.items.extend(c.items)
         out.timesteps.extend(c.timesteps)
+    return out
+
+
+def sampling_of(sampler: Sampling | Any, base: Sampling | None = None) -> Sampling:
+    """``sampler`` as a ``Sampling``: a ``Sampling`` as it is, or a diffusers scheduler on which
+    ``set_timesteps(n)`` was called (its ``num_inference_steps``), with everything else (sample
+    shape, conditions, guidance, η, channels) taken from ``base`` (e.g. the calibration data's
+    ``.sampling``). Give a ``Sampling`` to choose η or conditions per sampler."""
+    if isinstance(sampler, Sampling):
+        return sampler
+    if not hasattr(sampler, "set_timesteps") or not hasattr(sampler, "step"):
+        raise CalibrationError(f"a sampler must be a stepq.Sampling or a diffusers scheduler, got "
+                               f"{type(sampler).__name__}")
+    n = getattr(sampler, "num_inference_steps", None)
+    if not isinstance(n, int) or n <= 0:
+        raise CalibrationError(f"the scheduler {type(sampler).__name__} has no step count: call "
+                               "set_timesteps(num_inference_steps) on it first, or pass stepq.Sampling(scheduler, "
+                               "num_inference_steps, sample_shape, ...)")
+    if base is None:
+        raise CalibrationError(f"a bare scheduler ({type(sampler).__name__}) says nothing of the sample shape or "
+                               "conditions: pass stepq.Sampling(scheduler, num_inference_steps, sample_shape, ...), or "
+                               "calibration data recorded by stepq.calibration.collect (its .sampling fills them in)")
+    return dataclasses.replace(base, scheduler=sampler, num_inference_steps=n)
+
+
+def sampler_timesteps(sampling: Sampling) -> list[float]:
+    """The timesteps ``sampling`` visits (its scheduler's, after ``set_timesteps``), in order."""
+    sched = copy.deepcopy(sampling.scheduler)
+    sched.set_timesteps(sampling.num_inference_steps)
+    return [float(t) for t in sched.timesteps]
+
+
+def collect_samplings(model: Callable[..., Any], samplings: Sequence[Sampling], *, num_samples: int, seed: int = 0,
+                      progress: bool = True) -> CalibrationData:
+    """``collect`` along ``num_samples`` FP trajectories of each ``Sampling`` (sampler j seeded with
+    ``seed + j``), the records of all of them in one ``CalibrationData`` (its ``.sampling`` the
+    single sampling, or None for several)."""
+    if not samplings:
+        raise CalibrationError("collect_samplings needs at least one sampling")
+    out = CalibrationData(sampling=samplings[0] if len(samplings) == 1 else None)
+    for j, s in enumerate(samplings):
+        d = collect(model, s.scheduler, num_samples=num_samples, num_inference_steps=s.num_inference_steps,
+                    make_inputs=s.make_inputs, seed=seed + j, sample_shape=s.sample_shape, conditions=s.conditions,
+                    uncond=s.uncond, guidance_scale=s.guidance_scale, eta=s.eta, channels=s.channels,
+                    progress=progress)
+        out.items += d.items
+        out.timesteps += d.timesteps
+        out.timestep_arg = d.timestep_arg
     return out

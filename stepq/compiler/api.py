@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from stepq.artifact.quantized_model import QuantizedModel
-from stepq.calibration.collect import Sampling
+from stepq.calibration.collect import Sampling, collect_samplings, sampler_timesteps, sampling_of
 from stepq.calibration.observers import observer_nodes
 from stepq.compiler.borrow import own_all
 from stepq.compiler.capture import capture
@@ -174,6 +174,7 @@ def quantize(
     ptqd_data: Iterable[Any] | None = None,
     ptqd_scheduler: Any = None,
     sampling: Sampling | None = None,
+    samplers: Sequence[Any] | None = None,
     progress: bool = True,
     passes: Sequence[At] = (),
     dump: str | os.PathLike[str] | None = None,
@@ -191,7 +192,7 @@ def quantize(
         dynamic_batch: capture with a symbolic batch dimension.
         timestep_scale: multiplies a call's timestep to give the integer training timestep
             (1000 for flow-matching models called with t in [0, 1]).
-        train_data, ptqd_data, ptqd_scheduler, sampling: see below.
+        train_data, ptqd_data, ptqd_scheduler, sampling, samplers: see below.
         progress: show tqdm bars.
         passes: a user's passes (``stepq.At``); dump: a folder for the graph after every pass.
 
@@ -214,7 +215,12 @@ def quantize(
     QAT recipes (``recipe.qat``) also need ``train_data``: an endless iterator of (inputs, target ε),
     e.g. ``stepq.methods.qat.denoising_batches(x0, scheduler, make_inputs, batch_size=...)``.
     PTQD recipes (``recipe.ptqd``) measure their statistics against ``model`` on ``ptqd_data``
-    (default: the calibration data, which must then be re-iterable); ``ptqd_scheduler`` gives SNR^F
+    (default: the calibration data, which must then be re-iterable), or, with ``samplers`` (a list
+    of ``stepq.Sampling`` or of diffusers schedulers after ``set_timesteps(n)``, whose sample shape
+    and conditions come from the calibration data's ``.sampling``), on ``PTQDConfig.sampler_samples``
+    FP trajectories of each of the samplers the model will be sampled with (``ptqd_data`` built by
+    ``stepq.calibration.collect_samplings``; seeded by ``PTQDConfig.seed``; both given: ``ptqd_data``
+    must visit exactly the samplers' timesteps, else ``RecipeError``); ``ptqd_scheduler`` gives SNR^F
     for mixed precision (default: DDPM's linear schedule). QALoRA recipes (``recipe.qalora``,
     EfficientDM) distill from ``model`` along trajectories drawn as ``sampling`` says (default: the
     sampling that recorded ``calibration``, when it came from ``stepq.calibration.collect``). ``passes`` puts a user's passes into the
@@ -229,6 +235,8 @@ def quantize(
             raise RecipeError(f"recipe {recipe.name!r} distills along the FP model's own trajectories: pass "
                               "calibration=stepq.calibration.collect(...) (it records its sampling) or sampling="
                               "stepq.Sampling(scheduler, num_inference_steps, sample_shape, ...)")
+    if samplers is not None:
+        ptqd_data = _sampler_data(model, recipe, samplers, ptqd_data, calibration, progress)
     prog = capture(model, example_inputs, timestep_arg=timestep_arg, sample_arg=sample_arg,
                    dynamic_batch=dynamic_batch, timestep_scale=timestep_scale)
     prog = prepare(prog, recipe, inplace=True, passes=passes, dump=dump)
@@ -245,6 +253,39 @@ def quantize(
         apply_ptqd(qm, model, ptqd_data if ptqd_data is not None else calibration, scheduler=ptqd_scheduler,
                    passes=passes, dump=dump)
     return qm
+
+
+def _sampler_data(model: Any, recipe: Recipe, samplers: Sequence[Any], ptqd_data: Iterable[Any] | None,
+                  calibration: Iterable[Any] | None, progress: bool) -> Iterable[Any]:
+    """PTQD's measuring data for ``quantize(..., samplers=...)``: FP trajectories of those samplers."""
+    cfg = recipe.ptqd
+    if cfg is None:
+        raise RecipeError(f"samplers= chooses PTQD's measuring data, but recipe {recipe.name!r} has no ptqd section")
+    if isinstance(samplers, (str, bytes)) or not isinstance(samplers, Sequence) or not samplers:
+        raise RecipeError("samplers must be a non-empty list of stepq.Sampling or diffusers schedulers")
+    try:
+        base = getattr(calibration, "sampling", None)
+        samplings = [sampling_of(s, base) for s in samplers]
+    except CalibrationError as e:
+        raise RecipeError(f"samplers: {e}") from None
+    for s in samplings:
+        if s.guidance_scale != cfg.guidance_scale:
+            raise RecipeError(f"samplers: a sampler guides at {s.guidance_scale}, PTQDConfig.guidance_scale is "
+                              f"{cfg.guidance_scale}; the statistics are taken at the config's scale")
+    wanted = {t for s in samplings for t in sampler_timesteps(s)}
+    if ptqd_data is not None:  # both: only if they agree
+        have = getattr(ptqd_data, "timesteps", None)
+        if have is None or set(float(t) for t in have) != wanted:
+            raise RecipeError("both ptqd_data and samplers were given, and ptqd_data "
+                              + ("does not record its timesteps" if have is None else
+                                 f"visits {len(set(have))} timesteps other than the samplers' {len(wanted)}")
+                              + "; pass one of them (samplers= builds ptqd_data from the samplers' FP trajectories)")
+        return ptqd_data
+    data = collect_samplings(model, samplings, num_samples=cfg.sampler_samples, seed=cfg.seed + 9176,
+                             progress=progress)
+    log.info("PTQD data: %d trajectories of each of %d samplers, %d timesteps", cfg.sampler_samples, len(samplings),
+             len(wanted))
+    return data
 
 
 def apply_ptqd(qm: QuantizedModel, fp_model: Any, data: Iterable[Mapping[str, Any]], *,
@@ -288,6 +329,10 @@ def ptqd_with_config(qm: QuantizedModel, config: PTQDConfig) -> QuantizedModel:
     if old is not None and tuple(old.mixed_bits) != tuple(config.mixed_bits):
         raise PreconditionError("with_config cannot change mixed_bits: the statistics were measured on the other "
                                 "bit schedule")
+    fields = ("shrinkage", "bandwidth", "bias_shrinkage", "gate_z")
+    if old is not None and any(getattr(old, f) != getattr(config, f) for f in fields):
+        raise PreconditionError(f"with_config cannot change the estimator ({', '.join(fields)}): the tables were "
+                                "formed with the measured config's; re-run stepq.ptqd.apply with the new one")
     out = QuantizedModel(prog.copy())
     out.program.recipe = prog.recipe.replace(ptqd=config)
     run_phase(out.program, "ptqd", only=frozenset({"refresh_tables"}))

@@ -500,6 +500,19 @@ class PTQDConfig(_Section):
     choice stricter: a width qualifies when SNR^Q(t) > m·SNR^F(t) (the paper's rule is m = 1).
     ``seed`` seeds the subsampling of residuals for the normality test. Cost: one pass of the
     quantized and the FP model over the measuring data (no training).
+
+    The estimator (docs/PTQD.md, "Statistics that transfer"; ``stepq.methods.ptqd.statistics``).
+    Every estimate carries a standard error from the between-sample variance (the sample, not the
+    element, is the unit: the elements of one image are strongly correlated). ``shrinkage="kernel"``
+    pools the sufficient statistics of neighbouring measured timesteps with Gaussian weights of
+    ``bandwidth`` timesteps (None: the median gap between the measured timesteps) into smooth k_t,
+    b_t, σ_q(t) over the whole grid; ``"none"`` keeps one estimate per measured timestep, linearly
+    interpolated between them. ``bias_shrinkage`` pulls each b_t,c toward 0 (``"zero"``) or the
+    all-channel bias (``"pooled"``) by b ← g + (b − g)·max(0, 1 − se²/(b − g)²). ``gate_z`` z > 0
+    applies a term only where it exceeds z standard errors (k_t ≥ z·se, |b_t,c| ≥ z·se; else 0).
+    ``shrinkage="none"``, ``bias_shrinkage="none"``, ``gate_z=0`` (the defaults) are the plain
+    tables of the paper's estimator. ``sampler_samples``: the FP trajectories per sampler that
+    ``stepq.quantize(..., samplers=[...])`` records as PTQD's measuring data.
     """
 
     correlated: bool = True
@@ -510,6 +523,11 @@ class PTQDConfig(_Section):
     guidance_scale: float = 1.0
     normality_samples: int = 20000
     seed: int = 0
+    shrinkage: Literal["none", "kernel"] = "none"
+    bandwidth: float | None = None
+    bias_shrinkage: Literal["none", "zero", "pooled"] = "none"
+    gate_z: float = 0.0
+    sampler_samples: int = 32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mixed_bits", tuple(self.mixed_bits))
@@ -522,6 +540,18 @@ class PTQDConfig(_Section):
         _check(self.snr_margin > 0, f"PTQDConfig.snr_margin must be > 0, got {self.snr_margin}")
         _check(self.normality_samples >= 8,
                f"PTQDConfig.normality_samples must be >= 8 (scipy's normaltest needs 8), got {self.normality_samples}")
+        _check(self.shrinkage in ("none", "kernel"),
+               f"PTQDConfig.shrinkage must be 'none' or 'kernel', got {self.shrinkage!r}")
+        _check(self.bandwidth is None or (isinstance(self.bandwidth, (int, float)) and self.bandwidth > 0),
+               f"PTQDConfig.bandwidth must be None or > 0 (timesteps), got {self.bandwidth!r}")
+        _check(self.bandwidth is None or self.shrinkage == "kernel",
+               f"PTQDConfig.bandwidth is the kernel's; it needs shrinkage='kernel', got shrinkage={self.shrinkage!r}")
+        _check(self.bias_shrinkage in ("none", "zero", "pooled"),
+               f"PTQDConfig.bias_shrinkage must be 'none', 'zero' or 'pooled', got {self.bias_shrinkage!r}")
+        _check(isinstance(self.gate_z, (int, float)) and math.isfinite(self.gate_z) and self.gate_z >= 0,
+               f"PTQDConfig.gate_z must be a finite number >= 0, got {self.gate_z!r}")
+        _check(isinstance(self.sampler_samples, int) and self.sampler_samples >= 1,
+               f"PTQDConfig.sampler_samples must be an integer >= 1, got {self.sampler_samples!r}")
 
 
 

@@ -35,9 +35,11 @@ from stepq.methods.ptqd.scheduler import (
 from stepq.methods.ptqd.state import register_codecs
 from stepq.methods.ptqd.statistics import (
     ErrorAccumulator,
+    Estimator,
     Normality,
     PTQDStats,
     fill_table,
+    kernel_bandwidth,
     measure,
     predictions,
 )
@@ -47,6 +49,7 @@ from stepq.recipe.specs import PTQDConfig
 __all__ = [
     "ChooseBits",
     "ErrorAccumulator",
+    "Estimator",
     "LayerCost",
     "MeasureNoise",
     "MixedPrecision",
@@ -60,6 +63,7 @@ __all__ = [
     "copy_model",
     "fill_table",
     "forward_snr",
+    "kernel_bandwidth",
     "layer_costs",
     "measure",
     "predictions",

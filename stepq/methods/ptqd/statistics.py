@@ -29,6 +29,43 @@ Under a torch.distributed process group each rank measures its share of the data
 all-reduced before the tables are formed (``ErrorAccumulator.reduce``): every rank gets the tables
 of all the data, equal to one process's up to float64 summation order.
 
+**Uncertainty and estimators that transfer** (docs/PTQD.md, "Statistics that transfer"). The
+elements of one sample are strongly correlated (one image, one trajectory), so element counts
+overstate the information; the unit of replication is the sample (one row of one call at t). Per
+sample i the accumulator also keeps the vector of its own sums
+
+    z_i = (1, n_i, Σε, ΣΔ, Σε², ΣεΔ, ΣΔ², ΣΔ_c (C), Σε_c (C), n_ic (C))
+
+and sums z_i z_iᵀ per timestep ([T, P, P], P = 7 + 3C; its first row is the pooled sums and the
+number of samples m_t). Each estimate is a root of a sum of per-sample scores, Σ_i u_i(θ) = 0, and
+every score is linear in z_i at fixed θ (u_i = w(θ)·z_i), so the cluster-robust (sandwich)
+variance Var θ̂ ≈ m/(m−1) · Σ_i u_i² / (∂Σu/∂θ)² = m/(m−1) · w M wᵀ / bread² is a quadratic form in
+the summed outer products (exact sums: all-reduced like the rest):
+
+    slope   u_i = Σ_j (ε_ij − ε̄)(Δ_ij − a − k ε_ij),        bread = Σ_j (ε − ε̄)² = N·var(ε)
+    b_c     u_i = ΣΔ_ic − b_c n_ic,                          bread = N_c
+    σ_q²    u_i = Σ_j (r_ij − r̄)² − σ_q² n_i,                bread = N      (k, b held fixed)
+
+and se(σ_q) = se(σ_q²)/(2σ_q). With m_t < 2 samples the standard errors are infinite.
+
+``finalize`` then forms the tables with an estimator (``PTQDConfig``: shrinkage, bandwidth,
+bias_shrinkage, gate_z):
+
+* ``shrinkage="kernel"``: Nadaraya–Watson on the sums: the estimate at any τ ∈ [0, T) is the one of
+  the pooled sums Σ_t w_τt S_t over the measured t, w_τt = exp(−(t − τ)²/2h²) (a Gaussian kernel,
+  bandwidth h in timesteps; default the median gap between measured timesteps), and its variance
+  uses Σ_t w_τt² M_t; the effective number of samples is Kish's (Σ w m)²/Σ w² m. This treats the
+  samples at different timesteps as independent (they are, across trajectories; one trajectory's
+  samples at neighbouring t are not, so the kernel's standard errors are somewhat optimistic).
+* ``bias_shrinkage="zero"`` / ``"pooled"``: b_c ← g + (b_c − g)·max(0, 1 − se_c²/(b_c − g)²), g = 0 or
+  the all-channel bias b̄_t (a positive-part James–Stein / non-negative-garrote rule per element:
+  a difference within one standard error of the target is set to it, larger ones shrink by se²/d).
+* ``gate_z`` = z > 0: k_t ← 0 where k_t < z·se(k_t), b_t,c ← 0 where |b_t,c| < z·se(b_t,c); the masks
+  are kept (``k_gated``, ``bias_gated``). σ_q is then the residual std around the applied k and b
+  (what a gated term leaves stays in the residual, like a clipped negative slope).
+
+With shrinkage "none", bias_shrinkage "none" and gate_z 0 the tables are exactly the raw ones.
+
 The residual's normality (PTQD models r_t as Gaussian to fold it into the sampler noise) is tested
 with ``scipy.stats.normaltest`` (D'Agostino–Pearson) on a uniform subsample of at most
 ``normality_samples`` residual elements per measured timestep, with skewness and excess kurtosis.
@@ -50,7 +87,8 @@ from stepq.compiler.distributed import all_reduce, gather_rows, is_distributed, 
 from stepq.compiler.errors import CalibrationError
 from stepq.compiler.timesteps import timestep_index
 
-__all__ = ["ErrorAccumulator", "Normality", "PTQDStats", "fill_table", "measure", "predictions"]
+__all__ = ["ErrorAccumulator", "Estimator", "Normality", "PTQDStats", "fill_table", "kernel_bandwidth", "measure",
+           "predictions"]
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +148,25 @@ class Normality:
         }
 
 
+#: optional PTQDStats tables (absent in statistics saved before they existed)
+_OPTIONAL = ("k_se", "bias_se", "sigma_se", "bias_pooled", "bias_pooled_se", "k_gated", "bias_gated", "samples",
+             "raw_k", "raw_bias")
+
+
 @dataclass
 class PTQDStats:
     """PTQD's per-timestep tables over the training-timestep grid [0, T) (see module docstring):
-    ``k`` (the clipped slope) and ``slope`` (raw), ``bias`` [T, C], ``sigma`` (residual std),
-    ``snr`` (‖ε‖/‖ε̂ − ε‖), ``visited`` (measured; other rows interpolated), ``count`` (elements
-    measured) and ``normality`` (the residual's normality test, or None)."""
+    ``k`` (the applied slope: clipped, smoothed / gated as the estimator says) and ``slope`` (before
+    clipping and gating), ``bias`` [T, C], ``sigma`` (residual std around the applied k and b),
+    ``snr`` (‖ε‖/‖ε̂ − ε‖, raw), ``visited`` (measured; other rows interpolated or kernel-smoothed),
+    ``count`` (elements measured) and ``normality`` (the residual's normality test, or None).
+
+    Uncertainty (None in statistics saved before it existed): ``k_se`` [T] (of the slope),
+    ``bias_se`` [T, C], ``sigma_se`` [T], the all-channel bias ``bias_pooled`` [T] and its
+    ``bias_pooled_se``, all from the between-sample (cluster-robust) variance of the estimator in
+    use; ``k_gated`` [T] / ``bias_gated`` [T, C] (bool: the gate set the term to 0), ``samples``
+    [T] (independent samples measured at t) and ``raw_k`` / ``raw_bias`` (the per-timestep
+    estimates without shrinkage or gate, interpolated: the tables of the plain estimator)."""
 
     k: Tensor  # [T] clipped slope
     slope: Tensor  # [T] the raw regression slope (may be negative)
@@ -125,6 +176,16 @@ class PTQDStats:
     visited: Tensor  # [T] bool: measured (the other rows are interpolated)
     count: Tensor  # [T] elements measured
     normality: Normality | None = None
+    k_se: Tensor | None = None  # [T]
+    bias_se: Tensor | None = None  # [T, C]
+    sigma_se: Tensor | None = None  # [T]
+    bias_pooled: Tensor | None = None  # [T]
+    bias_pooled_se: Tensor | None = None  # [T]
+    k_gated: Tensor | None = None  # [T] bool
+    bias_gated: Tensor | None = None  # [T, C] bool
+    samples: Tensor | None = None  # [T]
+    raw_k: Tensor | None = None  # [T]
+    raw_bias: Tensor | None = None  # [T, C]
 
     def __post_init__(self) -> None:
         T = self.k.shape[0]
@@ -133,6 +194,11 @@ class PTQDStats:
                 raise ValueError(f"PTQDStats.{name} must have shape ({T},), got {tuple(getattr(self, name).shape)}")
         if self.bias.dim() != 2 or self.bias.shape[0] != T:
             raise ValueError(f"PTQDStats.bias must have shape ({T}, C), got {tuple(self.bias.shape)}")
+        for name in _OPTIONAL:
+            v = getattr(self, name)
+            want = tuple(self.bias.shape) if name in ("bias_se", "bias_gated", "raw_bias") else (T,)
+            if v is not None and tuple(v.shape) != want:
+                raise ValueError(f"PTQDStats.{name} must have shape {want}, got {tuple(v.shape)}")
 
     @property
     def num_train_timesteps(self) -> int:
@@ -144,6 +210,7 @@ class PTQDStats:
 
     def tensors(self) -> dict[str, Tensor]:
         out = {n: getattr(self, n) for n in ("k", "slope", "bias", "sigma", "snr", "visited", "count")}
+        out.update({n: getattr(self, n) for n in _OPTIONAL if getattr(self, n) is not None})
         if self.normality is not None:
             nm = self.normality
             out.update({f"normality.{n}": getattr(nm, n) for n in ("timesteps", "statistic", "pvalue", "skew",
@@ -156,7 +223,46 @@ class PTQDStats:
         if "normality.pvalue" in ts:
             nm = Normality(**{n: ts[f"normality.{n}"] for n in ("timesteps", "statistic", "pvalue", "skew",
                                                                  "kurtosis", "n")})
-        return cls(**{n: ts[n] for n in ("k", "slope", "bias", "sigma", "snr", "visited", "count")}, normality=nm)
+        return cls(**{n: ts[n] for n in ("k", "slope", "bias", "sigma", "snr", "visited", "count")}, normality=nm,
+                   **{n: ts[n] for n in _OPTIONAL if n in ts})
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """How ``ErrorAccumulator.finalize`` turns the sums into tables (module docstring; the fields
+    are ``PTQDConfig``'s of the same names). The default is the plain per-timestep estimator."""
+
+    shrinkage: str = "none"  # "none" | "kernel"
+    bandwidth: float | None = None  # kernel bandwidth in timesteps; None: ``kernel_bandwidth``
+    bias_shrinkage: str = "none"  # "none" | "zero" | "pooled"
+    gate_z: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.shrinkage not in ("none", "kernel"):
+            raise CalibrationError(f"PTQD shrinkage must be 'none' or 'kernel', got {self.shrinkage!r}")
+        if self.bias_shrinkage not in ("none", "zero", "pooled"):
+            raise CalibrationError(f"PTQD bias_shrinkage must be 'none', 'zero' or 'pooled', got {self.bias_shrinkage!r}")
+        if self.bandwidth is not None and not self.bandwidth > 0:
+            raise CalibrationError(f"PTQD bandwidth must be > 0, got {self.bandwidth}")
+        if not self.gate_z >= 0:
+            raise CalibrationError(f"PTQD gate_z must be >= 0, got {self.gate_z}")
+
+    @property
+    def plain(self) -> bool:
+        return self.shrinkage == "none" and self.bias_shrinkage == "none" and self.gate_z == 0
+
+    @classmethod
+    def of(cls, cfg: Any) -> Estimator:
+        """The estimator of a ``PTQDConfig`` (or anything with the four fields)."""
+        return cls(cfg.shrinkage, cfg.bandwidth, cfg.bias_shrinkage, float(cfg.gate_z))
+
+
+def kernel_bandwidth(visited: Tensor) -> float:
+    """The default kernel bandwidth: the median gap between consecutive measured timesteps (so each
+    estimate pools about one neighbour on either side at weights ≈ 0.6 and 0.14); 1 with one
+    measured timestep."""
+    seen = torch.nonzero(visited).reshape(-1).double()
+    return float((seen[1:] - seen[:-1]).median()) if seen.numel() > 1 else 1.0
 
 
 @dataclass
@@ -187,6 +293,91 @@ class _Subsample:
         return self.parts[0] if self.parts else torch.empty(3, 0, dtype=torch.float64)
 
 
+#: z_i's scalar entries: 1, n, Σε, ΣΔ, Σε², ΣεΔ, ΣΔ²; then ΣΔ_c, Σε_c, n_c (C each)
+_ONE, _N, _E, _D, _EE, _ED, _DD = range(7)
+_P0 = 7
+
+
+def _kernel_weights(visited: Tensor, h: float) -> Tensor:
+    """[T, V] Gaussian weights exp(−(t − τ)²/2h²) of the measured timesteps t for every τ, each row
+    scaled by its largest weight (the estimates are ratios, so the scale cancels; no underflow)."""
+    t = torch.nonzero(visited).reshape(-1).double()
+    tau = torch.arange(visited.numel(), dtype=torch.float64)
+    logw = -((tau[:, None] - t[None, :]) ** 2) / (2 * h * h)
+    return (logw - logw.max(1, keepdim=True).values).exp()
+
+
+def _slope_bias(n_c: Tensor, se_c: Tensor, sd_c: Tensor, see: Tensor, sed: Tensor) -> tuple[Tensor, Tensor]:
+    nn = n_c.sum(1).clamp_min(1)
+    me, md = se_c.sum(1) / nn, sd_c.sum(1) / nn
+    var_e = (see / nn - me * me).clamp_min(0)
+    cov = sed / nn - me * md
+    slope = torch.where(var_e > 0, cov / var_e.clamp_min(1e-300), torch.zeros_like(cov))
+    return slope, sd_c / n_c.clamp_min(1)
+
+
+def _quad(M: Tensor, w: Tensor) -> Tensor:
+    """w_r M_r w_rᵀ per row: Σ_i u_i² of the scores u_i = w·z_i."""
+    return torch.einsum("rp,rpq,rq->r", w, M, w).clamp_min(0)
+
+
+def _corrected(eff: Tensor, var: Tensor) -> Tensor:
+    """``var`` times the small-sample factor G/(G − 1) of the cluster-robust variance; infinite
+    below 2 samples (one sample's scores sum to 0: no between-sample spread to measure)."""
+    eff = eff.reshape(eff.shape + (1,) * (var.dim() - eff.dim()))
+    return torch.where(eff > 1, eff / (eff - 1).clamp_min(1e-300) * var, torch.full_like(var, math.inf))
+
+
+def _slope_bias_se(sums: tuple[Tensor, ...], M: Tensor, eff: Tensor,
+                   slope: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(se of the slope, se of b_c, the all-channel bias b̄, its se) from the (pooled) sums and meat."""
+    n_c, se_c, sd_c, see, _, _ = sums
+    C = n_c.shape[1]
+    nn = n_c.sum(1).clamp_min(1)
+    me, md = se_c.sum(1) / nn, sd_c.sum(1) / nn
+    var_e = (see / nn - me * me).clamp_min(0)
+    a = md - slope * me
+    w = torch.zeros(M.shape[:2], dtype=torch.float64)
+    w[:, _N], w[:, _E], w[:, _D], w[:, _EE], w[:, _ED] = me * a, -a + me * slope, -me, -slope, 1.0
+    k_var = _corrected(eff, _quad(M, w) / (nn * var_e).clamp_min(1e-300) ** 2)
+    k_var = torch.where(var_e > 0, k_var, torch.full_like(k_var, math.inf))
+    bias = sd_c / n_c.clamp_min(1)
+    iD, iN = torch.arange(_P0, _P0 + C), torch.arange(_P0 + 2 * C, _P0 + 3 * C)
+    Mdd, Mdn, Mnn = M[:, iD, iD], M[:, iD, iN], M[:, iN, iN]
+    b_var = _corrected(eff, (Mdd - 2 * bias * Mdn + bias * bias * Mnn).clamp_min(0) / n_c.clamp_min(1) ** 2)
+    pooled = sd_c.sum(1) / nn
+    p_var = _corrected(eff, (M[:, _D, _D] - 2 * pooled * M[:, _D, _N] + pooled * pooled * M[:, _N, _N]).clamp_min(0)
+                       / nn**2)
+    return k_var.sqrt(), b_var.sqrt(), pooled, p_var.sqrt()
+
+
+def _residual(sums: tuple[Tensor, ...], k: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """(σ_q, the residual's mean r̄) of r = Δ − kε − b_c from the sums, for any k and b."""
+    n_c, se_c, sd_c, see, sed, sdd = sums
+    nn = n_c.sum(1).clamp_min(1)
+    kk = k[:, None]
+    sum_r = (sd_c - kk * se_c - n_c * bias).sum(1)
+    sum_r2 = (sdd + k * k * see - 2 * k * sed
+              + (n_c * bias * bias - 2 * bias * sd_c + 2 * kk * bias * se_c).sum(1))
+    r_mean = sum_r / nn
+    return (sum_r2 / nn - r_mean**2).clamp_min(0).sqrt(), r_mean
+
+
+def _sigma_se(sums: tuple[Tensor, ...], M: Tensor, eff: Tensor, k: Tensor, bias: Tensor, sigma: Tensor,
+              r_mean: Tensor, nn: Tensor) -> Tensor:
+    """se(σ_q) = se(σ_q²)/(2σ_q), the score u_i = Σ_j (r_ij − r̄)² − σ_q² n_i with k, b held fixed."""
+    C = bias.shape[1]
+    w = torch.zeros(M.shape[:2], dtype=torch.float64)
+    w[:, _DD], w[:, _EE], w[:, _ED] = 1.0, k * k, -2 * k
+    w[:, _D], w[:, _E], w[:, _N] = -2 * r_mean, 2 * r_mean * k, r_mean**2 - sigma**2
+    w[:, _P0:_P0 + C] = -2 * bias
+    w[:, _P0 + C:_P0 + 2 * C] = 2 * k[:, None] * bias
+    w[:, _P0 + 2 * C:] = bias * bias + 2 * r_mean[:, None] * bias
+    var2 = _corrected(eff, _quad(M, w) / nn**2)
+    sd2 = var2.sqrt()
+    return torch.where(sigma > 0, sd2 / (2 * sigma).clamp_min(1e-300), sd2.sqrt())
+
+
 class ErrorAccumulator:
     """Accumulates (ε, ε̂) pairs by training timestep and turns them into ``PTQDStats``.
 
@@ -200,6 +391,8 @@ class ErrorAccumulator:
         self.T, self.C = T, C
         self.n_c, self.se_c, self.sd_c = (torch.zeros(T, C, dtype=f64) for _ in range(3))
         self.see, self.sed, self.sdd = (torch.zeros(T, dtype=f64) for _ in range(3))
+        # Σ_i z_i z_iᵀ of the per-sample sums z_i (module docstring): the between-sample variance
+        self.zz = torch.zeros(T, _P0 + 3 * C, _P0 + 3 * C, dtype=f64)
         self.normality_samples = normality_samples
         self.subsamples: dict[int, _Subsample] = {}
         self._gen = torch.Generator().manual_seed(rank_seed(seed))
@@ -218,12 +411,18 @@ class ErrorAccumulator:
         if not bool(torch.isfinite(d).all()):
             raise CalibrationError("non-finite quantized predictions while measuring PTQD statistics")
         t_idx = t_idx.reshape(-1).long()
-        self.n_c.index_add_(0, t_idx, torch.full((B, self.C), float(e.shape[2]), dtype=torch.float64))
-        self.se_c.index_add_(0, t_idx, e.sum(2))
-        self.sd_c.index_add_(0, t_idx, d.sum(2))
-        self.see.index_add_(0, t_idx, (e * e).sum((1, 2)))
-        self.sed.index_add_(0, t_idx, (e * d).sum((1, 2)))
-        self.sdd.index_add_(0, t_idx, (d * d).sum((1, 2)))
+        n_bc = torch.full((B, self.C), float(e.shape[2]), dtype=torch.float64)
+        e_c, d_c = e.sum(2), d.sum(2)
+        ee, ed, dd = (e * e).sum((1, 2)), (e * d).sum((1, 2)), (d * d).sum((1, 2))
+        self.n_c.index_add_(0, t_idx, n_bc)
+        self.se_c.index_add_(0, t_idx, e_c)
+        self.sd_c.index_add_(0, t_idx, d_c)
+        self.see.index_add_(0, t_idx, ee)
+        self.sed.index_add_(0, t_idx, ed)
+        self.sdd.index_add_(0, t_idx, dd)
+        z = torch.cat([torch.ones(B, 1, dtype=torch.float64), n_bc.sum(1, keepdim=True), e_c.sum(1, keepdim=True),
+                       d_c.sum(1, keepdim=True), ee[:, None], ed[:, None], dd[:, None], d_c, e_c, n_bc], 1)
+        self.zz.index_add_(0, t_idx, z[:, :, None] * z[:, None, :])
         if self.normality_samples:
             chan = torch.arange(self.C, dtype=torch.float64).reshape(1, self.C, 1).expand_as(e)
             for tv in torch.unique(t_idx).tolist():
@@ -241,6 +440,7 @@ class ErrorAccumulator:
         self.n_c, self.se_c, self.sd_c = per_c[0].clone(), per_c[1].clone(), per_c[2].clone()
         tot = all_reduce(torch.stack([self.see, self.sed, self.sdd]))
         self.see, self.sed, self.sdd = tot[0].clone(), tot[1].clone(), tot[2].clone()
+        self.zz = all_reduce(self.zz).clone()
         if not self.normality_samples:
             return
         parts = []
@@ -257,12 +457,16 @@ class ErrorAccumulator:
             sub._compact()
             self.subsamples[int(t)] = sub
 
-    def finalize(self, *, normality: bool = True) -> PTQDStats:
+    def finalize(self, *, normality: bool = True, estimator: Estimator | None = None) -> PTQDStats:
+        """The tables of the accumulated sums under ``estimator`` (default: the plain per-timestep
+        one); pure, so it may be called again with another estimator."""
+        est = estimator if estimator is not None else Estimator()
         n_c = self.n_c
         n = n_c.sum(1)
         visited = n > 0
         if not bool(visited.any()):
             raise CalibrationError("no prediction pairs were accumulated")
+        # the plain per-timestep estimate (the tables before estimators existed, bit for bit)
         nn = n.clamp_min(1)
         se, sd = self.se_c.sum(1), self.sd_c.sum(1)
         me, md = se / nn, sd / nn
@@ -277,13 +481,55 @@ class ErrorAccumulator:
         sigma = (sum_r2 / nn - (sum_r / nn) ** 2).clamp_min(0).sqrt()
         snr = (self.see / self.sdd.clamp_min(1e-300)).sqrt().clamp_max(1e12)
         log_snr = fill_table(torch.where(visited, snr.log(), torch.zeros_like(snr)), visited)
+        samples = self.zz[:, 0, 0].clone()
+        sums = (n_c, self.se_c, self.sd_c, self.see, self.sed, self.sdd)
+        if est.shrinkage == "kernel":  # every row of [0, T) from the kernel-pooled sums
+            W = _kernel_weights(visited, est.bandwidth if est.bandwidth is not None else kernel_bandwidth(visited))
+            vis = torch.nonzero(visited).reshape(-1)
+            sums = tuple(W @ x[vis] for x in sums)  # type: ignore[assignment]
+            P = self.zz.shape[1]
+            meat = ((W * W) @ self.zz[vis].reshape(vis.numel(), P * P)).reshape(-1, P, P)
+            m = samples[vis]
+            eff = (W @ m) ** 2 / ((W * W) @ m).clamp_min(1e-300)  # Kish's effective number of samples
+            slope_e, bias_e = _slope_bias(*sums[:5])
+            rows = torch.ones_like(visited)
+        else:
+            meat, eff, slope_e, bias_e, rows = self.zz, samples, slope, bias, visited
+        n_e = sums[0].sum(1).clamp_min(1)
+        k_se, bias_se, pooled, pooled_se = _slope_bias_se(sums, meat, eff, slope_e)
+        k_e = slope_e.clamp_min(0)
+        if est.bias_shrinkage != "none":
+            target = pooled[:, None] if est.bias_shrinkage == "pooled" else torch.zeros_like(bias_e)
+            dev = bias_e - target
+            keep = (1 - bias_se**2 / (dev * dev).clamp_min(1e-300)).clamp_min(0)
+            bias_e = target + dev * torch.where(dev == 0, torch.zeros_like(keep), keep)
+        k_gated = torch.zeros_like(visited)
+        bias_gated = torch.zeros(bias_e.shape, dtype=torch.bool)
+        if est.gate_z > 0:
+            k_gated = (k_e < est.gate_z * k_se) & rows
+            bias_gated = (bias_e.abs() < est.gate_z * bias_se) & rows[:, None]
+            k_e = torch.where(k_gated, torch.zeros_like(k_e), k_e)
+            bias_e = torch.where(bias_gated, torch.zeros_like(bias_e), bias_e)
+        sigma_e, r_mean = _residual(sums, k_e, bias_e)
+        if est.plain:
+            sigma_e = sigma
+        sigma_se = _sigma_se(sums, meat, eff, k_e, bias_e, sigma_e, r_mean, n_e)
+        out = dict(k=k_e, slope=slope_e, bias=bias_e, sigma=sigma_e, k_se=k_se, bias_se=bias_se, sigma_se=sigma_se,
+                   bias_pooled=pooled, bias_pooled_se=pooled_se)
+        if est.shrinkage != "kernel":  # measured rows only: interpolate the rest (an se of a 1-sample row: inf)
+            out = {name: fill_table(v, visited) for name, v in out.items()}
+            for name in ("k_se", "bias_se", "sigma_se", "bias_pooled_se"):
+                out[name] = out[name].nan_to_num(nan=math.inf)
+        f = {name: v.float() for name, v in out.items()}
         stats = PTQDStats(
-            k=fill_table(k, visited).float(), slope=fill_table(slope, visited).float(),
-            bias=fill_table(bias, visited).float(), sigma=fill_table(sigma, visited).float(),
-            snr=log_snr.exp().float(), visited=visited, count=n,
+            k=f["k"], slope=f["slope"], bias=f["bias"], sigma=f["sigma"], snr=log_snr.exp().float(), visited=visited,
+            count=n, k_se=f["k_se"], bias_se=f["bias_se"], sigma_se=f["sigma_se"], bias_pooled=f["bias_pooled"],
+            bias_pooled_se=f["bias_pooled_se"], k_gated=k_gated, bias_gated=bias_gated, samples=samples,
+            raw_k=fill_table(k, visited).float(), raw_bias=fill_table(bias, visited).float(),
         )
         if normality and self.subsamples:
-            stats.normality = self._normality(k, bias)
+            stats.normality = self._normality(k if est.plain else stats.k.double(),
+                                              bias if est.plain else stats.bias.double())
         return stats
 
     def _normality(self, k: Tensor, bias: Tensor) -> Normality:
@@ -351,7 +597,7 @@ def _item_timesteps(item: Mapping[str, Any], timestep_arg: str, batch: int, scal
 def measure(fp: Model | Sequence[Tensor], quantized: Model, data: Iterable[Mapping[str, Any]], *,
             timestep_arg: str = "timestep", num_train_timesteps: int = 1000, timestep_scale: float = 1.0,
             timestep_policy: str = "error", guidance_scale: float = 1.0, channels: int | None = None, normality_samples: int | None = 20000,
-            seed: int = 0) -> PTQDStats:
+            seed: int = 0, estimator: Estimator | None = None) -> PTQDStats:
     """PTQD statistics of ``quantized`` against ``fp`` on the input dicts ``data``.
 
     ``data`` are denoiser inputs recorded along FP trajectories (``stepq.calibration.collect``); with
@@ -360,7 +606,8 @@ def measure(fp: Model | Sequence[Tensor], quantized: Model, data: Iterable[Mappi
     (reused across measurements). ``channels`` keeps the first channels of the outputs (learned
     variance); by default all of them. ``timestep_arg`` names the timestep input, ``num_train_timesteps``
     is T, ``timestep_scale`` maps a call's timestep to the integer grid; ``normality_samples`` and
-    ``seed`` as in ``ErrorAccumulator``. Timesteps map to table rows as in the compiled graph
+    ``seed`` as in ``ErrorAccumulator``; ``estimator`` as in ``ErrorAccumulator.finalize`` (default
+    the plain per-timestep tables). Timesteps map to table rows as in the compiled graph
     (``stepq.compiler.timesteps.timestep_index`` with the recipe's ``timestep_policy``: a timestep
     outside [0, T] raises, or clamps with a warning).
     """
@@ -394,7 +641,7 @@ def measure(fp: Model | Sequence[Tensor], quantized: Model, data: Iterable[Mappi
             acc.reduce()
     if acc is None:
         raise CalibrationError("PTQD statistics need data: the iterable yielded no input dicts")
-    stats = acc.finalize(normality=bool(normality_samples))
+    stats = acc.finalize(normality=bool(normality_samples), estimator=estimator)
     log.info("PTQD statistics on %d timesteps: k in [%.4f, %.4f], sigma_q in [%.4f, %.4f]",
              int(stats.visited.sum()), float(stats.k.min()), float(stats.k.max()), float(stats.sigma.min()),
              float(stats.sigma.max()))

@@ -5,6 +5,7 @@ the buffers are written from the state by refresh_tables.
     choose_bits     for each width b: every step pinned to b, SNR^Q_b(t) against the FP model on the
                     same inputs; the bits table from SNR^Q_b > margin · SNR^F  → state.ptqd_bits
     measure_noise   k_t, b_t, σ_q(t) of the (mixed) model, the correction off → state.ptqd
+                    (with their standard errors, under the config's estimator: shrinkage, gate)
 
 Both read the PTQD data (``CompileInputs.ptqd_data``, default the calibration data) and the FP
 model's predictions on it, computed once per compile and shared through ``CompileInputs.scratch``.
@@ -30,7 +31,7 @@ from stepq.compiler.pass_manager import (
 )
 from stepq.compiler.program import Program
 from stepq.methods.ptqd.mixed import MixedPrecision, choose_bits, forward_snr, set_bits
-from stepq.methods.ptqd.statistics import measure, predictions
+from stepq.methods.ptqd.statistics import Estimator, measure, predictions
 from stepq.recipe.specs import PTQDConfig
 
 __all__ = ["ChooseBits", "MeasureNoise", "copy_model"]
@@ -119,5 +120,5 @@ class MeasureNoise(Step):
         cfg: PTQDConfig = prog.recipe.ptqd
         items, refs, kw = _data(prog, inputs)
         prog.state.ptqd = measure(refs, QuantizedModel(prog), items, normality_samples=cfg.normality_samples,
-                                  seed=cfg.seed, **kw)
+                                  seed=cfg.seed, estimator=Estimator.of(cfg), **kw)
         return PassResult(1)
