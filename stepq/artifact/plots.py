@@ -206,11 +206,11 @@ def plot_model(qm: QuantizedModel, folder: str | os.PathLike[str], *, fp_model: 
 
 def plot_ptqd_statistics(stats: PTQDStats, path: str | os.PathLike[str], *, z: float = 2.0,
                          title: str | None = None) -> Figure:
-    """Write PTQD's statistics (``PTQDStats``, e.g. ``qm.program.state.ptqd``) to ``path``: left
+    """Write PTQD's statistics ``stats`` (``PTQDStats``, e.g. ``qm.program.state.ptqd``) to ``path``: left
     k_t, right the all-channel bias b̄_t, each the applied table (line) with a ±``z``·se band
     (the estimator's standard errors, when the statistics have them), the raw per-timestep
     estimates at the measured timesteps (dots), the terms the gate set to 0 (crosses) and the
-    measured timesteps (ticks on the axis). Returns the figure."""
+    measured timesteps (ticks on the axis); ``title`` heads the figure. Returns the figure."""
     t = np.arange(stats.num_train_timesteps)
     vis = stats.visited.numpy().astype(bool)
     fig = _figure(11, 3.8)

@@ -230,7 +230,11 @@ class PTQDStats:
 @dataclass(frozen=True)
 class Estimator:
     """How ``ErrorAccumulator.finalize`` turns the sums into tables (module docstring; the fields
-    are ``PTQDConfig``'s of the same names). The default is the plain per-timestep estimator."""
+    are ``PTQDConfig``'s of the same names). The default is the plain per-timestep estimator.
+
+    ``shrinkage``: "none" or "kernel" (pool neighbouring timesteps); ``bandwidth``: the kernel's width
+    in timesteps (None: ``kernel_bandwidth``); ``bias_shrinkage``: "none", "zero" or "pooled";
+    ``gate_z``: a term is applied only where it exceeds ``gate_z`` standard errors (0: always)."""
 
     shrinkage: str = "none"  # "none" | "kernel"
     bandwidth: float | None = None  # kernel bandwidth in timesteps; None: ``kernel_bandwidth``
@@ -258,7 +262,7 @@ class Estimator:
 
 
 def kernel_bandwidth(visited: Tensor) -> float:
-    """The default kernel bandwidth: the median gap between consecutive measured timesteps (so each
+    """The default kernel bandwidth for the ``visited`` mask [T]: the median gap between consecutive measured timesteps (so each
     estimate pools about one neighbour on either side at weights ≈ 0.6 and 0.14); 1 with one
     measured timestep."""
     seen = torch.nonzero(visited).reshape(-1).double()
